@@ -1,0 +1,57 @@
+import os
+
+
+# No model hub here: every test builds its components locally.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A complete random tiny checkpoint folder (model, generation config, processor), built once per run."""
+    from pisces.conversion import build_random_checkpoint
+
+    return build_random_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", preset="tiny", seed=0)
+
+
+@pytest.fixture
+def tiny_model(tiny_checkpoint):
+    from pisces import PiscesForConditionalGeneration
+
+    return PiscesForConditionalGeneration.from_pretrained(tiny_checkpoint).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_processor(tiny_checkpoint):
+    from pisces import PiscesProcessor
+
+    return PiscesProcessor.from_pretrained(tiny_checkpoint)
+
+
+def generation_batch(config, prompt_ids=(11, 12, 13), num_images=1, seed=0):
+    """A teacher-forced generation batch `prompt <boi> <gen>*m <eoi>` with labels on <eoi> only, and its images."""
+    generator = torch.Generator().manual_seed(seed)
+    m = config.num_gen_tokens
+    row = list(prompt_ids) + [config.boi_token_id] + [config.gen_token_id] * m + [config.eoi_token_id]
+    input_ids = torch.tensor([row] * num_images)
+    labels = torch.full_like(input_ids, -100)
+    labels[:, -1] = config.eoi_token_id
+    side = config.gen_vision_config.image_size
+    gen_pixel_values = torch.randn(num_images, 3, side, side, generator=generator)
+    return {"input_ids": input_ids, "labels": labels, "gen_pixel_values": gen_pixel_values}
+
+
+def understanding_batch(config, num_images=1, seed=0):
+    """An understanding batch `<image>*n question answer`, with labels on the answer."""
+    generator = torch.Generator().manual_seed(seed)
+    n = config.num_image_tokens
+    row = [config.image_token_id] * n + [21, 22, 23, 24]
+    input_ids = torch.tensor([row] * num_images)
+    labels = input_ids.clone()
+    labels[:, : n + 2] = -100
+    side = config.vision_config.image_size
+    pixel_values = torch.randn(num_images, 3, side, side, generator=generator)
+    return {"input_ids": input_ids, "labels": labels, "pixel_values": pixel_values}

@@ -1,0 +1,113 @@
+"""The `pisces` command.
+
+It sits in the top layer (`pisces.training`) because its sub-commands reach every layer; `import pisces` never imports
+it. Heavy imports happen inside each sub-command, so `pisces --help` is instant.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+
+class CommandError(Exception):
+    """A mistake the user can fix; printed as one line, without a traceback."""
+
+
+def _load_checkpoint(path: str):
+    import pisces  # noqa: F401  (registers the Auto classes)
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    folder = Path(path)
+    if not folder.is_dir():
+        raise CommandError(f"model folder not found: {path}")
+    if not (folder / "config.json").is_file():
+        raise CommandError(f"{path} is not a Pisces checkpoint: it has no config.json")
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(folder, use_safetensors=True)
+        processor = AutoProcessor.from_pretrained(folder)
+    except (OSError, ValueError, KeyError) as error:
+        raise CommandError(f"could not load a Pisces checkpoint from {path}: {error}") from error
+    if getattr(model.config, "model_type", None) != "pisces":
+        raise CommandError(f"{path} is not a Pisces checkpoint (model_type={model.config.model_type!r})")
+    return model.eval(), processor
+
+
+def convert_random(args) -> None:
+    from pisces.conversion import build_random_checkpoint, describe_parameters, preset_config
+
+    if args.meta:
+        counts = describe_parameters(preset_config(args.preset))
+        total = sum(counts.values())
+        for name, count in counts.items():
+            print(f"{name:>18} {count / 1e6:12.1f} M")
+        print(f"{'total':>18} {total / 1e6:12.1f} M   {total * 2 / 2**30:.2f} GiB in bfloat16")
+        return
+    if args.out is None:
+        raise CommandError("--out DIR is required (or pass --meta to only print the sizes)")
+    try:
+        out = build_random_checkpoint(args.out, preset=args.preset, seed=args.seed)
+    except ValueError as error:
+        raise CommandError(str(error)) from error
+    print(f"wrote a random {args.preset} Pisces checkpoint to {out}")
+
+
+def describe(args) -> None:
+    import torch
+    from PIL import Image, UnidentifiedImageError
+
+    image_path = Path(args.image)
+    if not image_path.is_file():
+        raise CommandError(f"image not found: {args.image}")
+    try:
+        image = Image.open(image_path)
+        image.load()
+    except (UnidentifiedImageError, OSError) as error:
+        raise CommandError(f"cannot read {args.image} as an image: {error}") from error
+    if args.max_new_tokens < 1:
+        raise CommandError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+
+    model, processor = _load_checkpoint(args.model)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": args.prompt}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(images=[image], text=[text], return_tensors="pt")
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
+    answer = processor.batch_decode(output[:, inputs["input_ids"].shape[1] :])[0]
+    print(answer.strip())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pisces", description="Pisces: unified image understanding and generation.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    convert = commands.add_parser("convert", help="build Pisces checkpoints")
+    convert_kinds = convert.add_subparsers(dest="kind", required=True)
+    random = convert_kinds.add_parser("random", help="a checkpoint with random weights (tests, smoke runs, sizing)")
+    random.add_argument("--preset", default="tiny", choices=["tiny", "pisces-8b"])
+    random.add_argument("--out", help="folder to write")
+    random.add_argument("--seed", type=int, default=0)
+    random.add_argument("--meta", action="store_true", help="print parameter counts and bf16 memory, allocate nothing")
+    random.set_defaults(run=convert_random)
+
+    describe_cmd = commands.add_parser("describe", help="answer a question about an image")
+    describe_cmd.add_argument("image")
+    describe_cmd.add_argument("--prompt", default="Describe the image.")
+    describe_cmd.add_argument("--model", required=True, help="a Pisces checkpoint folder")
+    describe_cmd.add_argument("--max-new-tokens", type=int, default=32)
+    describe_cmd.set_defaults(run=describe)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.run(args)
+    except CommandError as error:
+        print(f"pisces: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
