@@ -175,20 +175,19 @@ class PiscesModel(PiscesPreTrainedModel):
             pooled grid.
         """
         gen_config = self.config.gen_vision_config
+        side = gen_config.image_size
+        if tuple(gen_pixel_values.shape[-2:]) != (side, side):
+            raise ValueError(
+                f"gen_pixel_values must be {side}x{side} (the generation encoder's image_size), got "
+                f"{tuple(gen_pixel_values.shape[-2:])}; prepare them with the processor's gen_image_processor."
+            )
         gen_pixel_values = gen_pixel_values.to(self.gen_vision_tower.dtype)
         features = _select_vision_features(
             self.gen_vision_tower, gen_pixel_values, self.config.gen_vision_feature_layer
         )
-        grid = gen_config.image_size // gen_config.patch_size
+        grid = side // gen_config.patch_size
         if features.shape[1] == grid * grid + 1:  # CLIP-like encoders put a class token first
             features = features[:, 1:]
-        if features.shape[1] != grid * grid:
-            raise ValueError(
-                f"The generation encoder returned {features.shape[1]} patch features, expected {grid}x{grid} = "
-                f"{grid * grid} for image_size={gen_config.image_size} and patch_size={gen_config.patch_size}: "
-                f"gen_pixel_values must be {gen_config.image_size}x{gen_config.image_size}, got "
-                f"{tuple(gen_pixel_values.shape[-2:])}."
-            )
         num_images, _, width = features.shape
         features = features.transpose(1, 2).reshape(num_images, width, grid, grid)
         pooled = F.avg_pool2d(features, kernel_size=self.config.gen_pool_size)
