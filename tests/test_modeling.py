@@ -178,3 +178,19 @@ def test_text_generate_uses_the_cache_and_matches_greedy_recompute(tiny_model):
         ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(out, ids)
     assert not (out[:, prompt.shape[1] :] == config.gen_token_id).any()
+
+
+def test_processor_training_samples_run_through_the_model(tiny_model, tiny_processor):
+    from PIL import Image
+
+    red, blue = Image.new("RGB", (40, 40), (255, 0, 0)), Image.new("RGB", (40, 40), (0, 0, 255))
+    texts = [tiny_processor.format_generation_sequence("a red square"), tiny_processor.format_generation_sequence("")]
+    generation = tiny_processor(text=texts, gen_images=[red, blue], return_tensors="pt")
+    out = tiny_model(**generation)
+    assert out.gen_embeds.shape == (2, tiny_model.config.num_gen_tokens, tiny_model.config.gen_vision_config.hidden_size)
+    assert out.gen_loss > 0
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour?"}]}]
+    prompt = tiny_processor.apply_chat_template(messages, add_generation_prompt=True)
+    understanding = tiny_processor(images=[red], text=[prompt], return_tensors="pt")
+    logits = tiny_model(**understanding).logits
+    assert logits.shape[:2] == understanding["input_ids"].shape
