@@ -5,6 +5,9 @@ import sys
 def test_import_pisces_is_light_and_never_imports_training():
     code = (
         "import sys, time, torch, transformers, diffusers\n"
+        # What any transformers multimodal model costs to import (model, processor, Auto classes), paid first.
+        "from transformers import LlavaForConditionalGeneration, LlavaProcessor, AutoModelForImageTextToText\n"
+        "from transformers import AutoProcessor, SiglipImageProcessorPil\n"
         "start = time.perf_counter()\n"
         "import pisces\n"
         "print(time.perf_counter() - start)\n"
@@ -12,7 +15,8 @@ def test_import_pisces_is_light_and_never_imports_training():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert float(result.stdout.strip().splitlines()[-1]) < 5.0  # well under a second on a quiet machine
+    # Pisces' own share: 0.06 s measured here; the bound leaves room for a loaded CI machine.
+    assert float(result.stdout.strip().splitlines()[-1]) < 1.0
 
 
 def test_public_names():
