@@ -481,17 +481,13 @@ class PiscesForConditionalGeneration(PiscesPreTrainedModel, GenerationMixin):
                 [(input_ids, attention_mask), (negative_input_ids, negative_attention_mask.to(attention_mask))], pad_id
             )
 
-        embed_tokens = self.get_input_embeddings()
         language_model = self.model.language_model
-        inputs_embeds = embed_tokens(input_ids)
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        # With the cache, each step feeds only the newest position; without it, the whole sequence so far.
+        step_embeds = self.get_input_embeddings()(input_ids)
+        step_positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         cache = None
         predictions = []
         for step in range(config.num_gen_tokens):
-            if use_cache and step > 0:
-                step_embeds, step_positions = inputs_embeds[:, -1:], position_ids[:, -1:]
-            else:
-                step_embeds, step_positions = inputs_embeds, position_ids
             outputs = language_model(
                 inputs_embeds=step_embeds,
                 attention_mask=attention_mask,
@@ -509,10 +505,14 @@ class PiscesForConditionalGeneration(PiscesPreTrainedModel, GenerationMixin):
             predictions.append(prediction[:batch_size])
             if step + 1 == config.num_gen_tokens:
                 break
-            next_embeds = self.model.gen_projector(prediction).to(inputs_embeds.dtype)[:, None]
-            inputs_embeds = torch.cat([inputs_embeds, next_embeds], dim=1)
+            next_embeds = self.model.gen_projector(prediction).to(step_embeds.dtype)[:, None]
+            next_positions = step_positions[:, -1:] + 1
             attention_mask = F.pad(attention_mask, (0, 1), value=1)
-            position_ids = torch.cat([position_ids, position_ids[:, -1:] + 1], dim=1)
+            if use_cache:
+                step_embeds, step_positions = next_embeds, next_positions
+            else:
+                step_embeds = torch.cat([step_embeds, next_embeds], dim=1)
+                step_positions = torch.cat([step_positions, next_positions], dim=1)
         return torch.stack(predictions, dim=1)
 
     def _check_image_prompt(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, name: str):
