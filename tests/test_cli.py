@@ -68,3 +68,15 @@ def test_describe_rejects_a_folder_that_is_not_a_checkpoint(tmp_path, capsys):
 def test_console_script_is_installed():
     result = subprocess.run([sys.executable, "-m", "pisces.training.cli", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "convert" in result.stdout
+
+
+def test_describe_rejects_another_models_checkpoint_before_loading_weights(tmp_path, capsys):
+    from PIL import Image
+    from transformers import LlamaConfig
+
+    LlamaConfig(vocab_size=10, hidden_size=8, num_hidden_layers=1, num_attention_heads=1).save_pretrained(tmp_path)
+    image = tmp_path / "red.png"
+    Image.new("RGB", (8, 8)).save(image)
+    # No weights in the folder: only the config check can answer.
+    assert main(["describe", str(image), "--model", str(tmp_path)]) == 2
+    assert "is not a Pisces checkpoint (model_type='llama')" in capsys.readouterr().err

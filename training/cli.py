@@ -15,7 +15,7 @@ class CommandError(Exception):
 
 def _load_checkpoint(path: str):
     import pisces  # noqa: F401  (registers the Auto classes)
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
     folder = Path(path)
     if not folder.is_dir():
@@ -23,12 +23,14 @@ def _load_checkpoint(path: str):
     if not (folder / "config.json").is_file():
         raise CommandError(f"{path} is not a Pisces checkpoint: it has no config.json")
     try:
-        model = AutoModelForImageTextToText.from_pretrained(folder, use_safetensors=True)
+        # The config alone says whether this is a Pisces checkpoint; check it before loading any weights.
+        config = AutoConfig.from_pretrained(folder)
+        if config.model_type != "pisces":
+            raise CommandError(f"{path} is not a Pisces checkpoint (model_type={config.model_type!r})")
+        model = AutoModelForImageTextToText.from_pretrained(folder, config=config, use_safetensors=True)
         processor = AutoProcessor.from_pretrained(folder)
     except (OSError, ValueError, KeyError) as error:
         raise CommandError(f"could not load a Pisces checkpoint from {path}: {error}") from error
-    if getattr(model.config, "model_type", None) != "pisces":
-        raise CommandError(f"{path} is not a Pisces checkpoint (model_type={model.config.model_type!r})")
     return model.eval(), processor
 
 
