@@ -2,7 +2,7 @@
 
 `build_random_checkpoint(out_dir, preset="tiny")` writes, in seconds, a folder that every entry point loads: the
 model, its generation config and the processor (a tokenizer built here with the `tokenizers` library, holding the
-Pisces special tokens). `preset="pisces-8b"` is the paper's shape, meant for `meta`-device sizing.
+Pisces special tokens) at the root, and the decoder, the VAE and the scheduler of `PiscesPipeline` beside them. `preset="pisces-8b"` is the paper's shape, meant for `meta`-device sizing.
 """
 
 from pathlib import Path
@@ -11,9 +11,11 @@ import torch
 from transformers import CLIPImageProcessorPil, GenerationConfig, SiglipImageProcessorPil
 
 from pisces import PiscesConfig, PiscesForConditionalGeneration
+from pisces.pipelines import PiscesPipeline
 from pisces.processing import PiscesProcessor
 from pisces.processing.processing_pisces import BOI_TOKEN, EOI_TOKEN, GEN_TOKEN, IMAGE_TOKEN
 
+from .decoder_presets import build_decoder, build_scheduler, build_tiny_vae
 from .tokenizer import build_tokenizer
 
 
@@ -104,7 +106,8 @@ def build_processor(config: PiscesConfig, tokenizer) -> PiscesProcessor:
 
 def build_random_checkpoint(out_dir: str | Path, preset: str = "tiny", seed: int = 0) -> Path:
     """
-    Writes a complete random checkpoint folder (model, generation config, processor) and returns its path.
+    Writes a complete random checkpoint folder (model, generation config, processor, decoder, VAE, scheduler: the
+    layout of `PiscesPipeline.save_pretrained`) and returns its path.
 
     Args:
         out_dir: the folder to write; created if missing.
@@ -131,8 +134,10 @@ def build_random_checkpoint(out_dir: str | Path, preset: str = "tiny", seed: int
         # Text generation must not emit the image placeholders.
         suppress_tokens=[config.image_token_id, config.gen_token_id],
     )
-    model.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
+    vae = build_tiny_vae()
+    decoder = build_decoder("tiny", config.gen_vision_config.hidden_size, in_channels=vae.config.latent_channels)
+    pipeline = PiscesPipeline(model=model, processor=processor, decoder=decoder, scheduler=build_scheduler(), vae=vae)
+    pipeline.save_pretrained(out_dir)
     return out_dir
 
 

@@ -1,3 +1,4 @@
+import shutil
 import subprocess
 import sys
 
@@ -80,3 +81,46 @@ def test_describe_rejects_another_models_checkpoint_before_loading_weights(tmp_p
     # No weights in the folder: only the config check can answer.
     assert main(["describe", str(image), "--model", str(tmp_path)]) == 2
     assert "is not a Pisces checkpoint (model_type='llama')" in capsys.readouterr().err
+
+
+def test_generate_writes_pngs_reproducibly(tiny_checkpoint, tmp_path, capsys):
+    from PIL import Image
+
+    args = ["generate", "a red circle", "--model", str(tiny_checkpoint), "--steps", "2", "--seed", "5"]
+    assert main(args + ["-o", str(tmp_path / "a.png")]) == 0
+    assert main(args + ["-o", str(tmp_path / "b.png")]) == 0
+    assert f"wrote {tmp_path / 'a.png'}" in capsys.readouterr().out
+    assert Image.open(tmp_path / "a.png").size == (32, 32)
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+
+    assert main(args + ["-o", str(tmp_path / "many" / "c.png"), "--num-images", "2", "--guidance", "1.5"]) == 0
+    assert sorted(p.name for p in (tmp_path / "many").iterdir()) == ["c-0.png", "c-1.png"]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--steps", "0"], "--steps must be at least 1, got 0"),
+        (["--num-images", "0"], "--num-images must be at least 1"),
+        (["--guidance", "0.5"], "--guidance must be at least 1"),
+        (["-o", "out.jpg"], "must name a .png file"),
+    ],
+)
+def test_generate_rejects_bad_arguments(tiny_checkpoint, extra, message, capsys):
+    assert main(["generate", "a", "--model", str(tiny_checkpoint)] + extra) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("pisces: error:") and message in err and "\n" not in err
+
+
+def test_generate_rejects_missing_and_foreign_folders(tiny_checkpoint, tmp_path, capsys):
+    assert main(["generate", "a", "--model", str(tmp_path / "nope")]) == 2
+    assert "model folder not found" in capsys.readouterr().err
+    assert main(["generate", "a", "--model", str(tmp_path)]) == 2
+    assert "is not a Pisces pipeline checkpoint: it has no model_index.json" in capsys.readouterr().err
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_checkpoint, broken)
+    shutil.rmtree(broken / "decoder")
+    assert main(["generate", "a", "--model", str(broken), "-o", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no `decoder/` folder" in err and "\n" not in err
+    assert not (tmp_path / "x.png").exists()

@@ -7,7 +7,9 @@ def test_import_pisces_is_light_and_never_imports_training():
         "import sys, time, torch, transformers, diffusers\n"
         # What any transformers multimodal model costs to import (model, processor, Auto classes), paid first.
         "from transformers import LlavaForConditionalGeneration, LlavaProcessor, AutoModelForImageTextToText\n"
-        "from transformers import AutoProcessor, SiglipImageProcessorPil\n"
+        "from transformers import AutoProcessor, SiglipImageProcessorPil, pipeline\n"
+        # ... and what any diffusers pipeline costs (the pipeline base class, the auto-pipelines, a UNet).
+        "from diffusers import DiffusionPipeline, AutoPipelineForText2Image, UNet2DConditionModel, AutoencoderKL\n"
         "start = time.perf_counter()\n"
         "import pisces\n"
         "print(time.perf_counter() - start)\n"

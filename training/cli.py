@@ -53,6 +53,56 @@ def convert_random(args) -> None:
     print(f"wrote a random {args.preset} Pisces checkpoint to {out}")
 
 
+def _load_pipeline(path: str):
+    import pisces  # noqa: F401  (registers the pipeline)
+    from pisces import PiscesPipeline
+
+    folder = Path(path)
+    if not folder.is_dir():
+        raise CommandError(f"model folder not found: {path}")
+    if not (folder / "model_index.json").is_file():
+        raise CommandError(
+            f"{path} is not a Pisces pipeline checkpoint: it has no model_index.json (a folder with only the LLM can "
+            "describe images, not draw them)"
+        )
+    try:
+        return PiscesPipeline.from_pretrained(folder)
+    except (OSError, ValueError, KeyError) as error:
+        raise CommandError(f"could not load a Pisces pipeline from {path}: {error}") from error
+
+
+def generate(args) -> None:
+    import torch
+
+    out = Path(args.output)
+    if out.suffix.lower() != ".png":
+        raise CommandError(f"-o/--output must name a .png file, got {args.output}")
+    for name, value in (("--steps", args.steps), ("--num-images", args.num_images)):
+        if value < 1:
+            raise CommandError(f"{name} must be at least 1, got {value}")
+    if args.guidance is not None and args.guidance < 1:
+        raise CommandError(f"--guidance must be at least 1 (1 turns guidance off), got {args.guidance}")
+
+    pipe = _load_pipeline(args.model)
+    pipe.set_progress_bar_config(disable=not sys.stderr.isatty())
+    generator = torch.Generator().manual_seed(args.seed)
+    try:
+        images = pipe(
+            args.prompt,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance,
+            num_images_per_prompt=args.num_images,
+            generator=generator,
+        ).images
+    except ValueError as error:
+        raise CommandError(str(error)) from error
+    out.parent.mkdir(parents=True, exist_ok=True)
+    paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(len(images))]
+    for image, path in zip(images, paths):
+        image.save(path)
+        print(f"wrote {path}")
+
+
 def describe(args) -> None:
     import torch
     from PIL import Image, UnidentifiedImageError
@@ -90,6 +140,16 @@ def build_parser() -> argparse.ArgumentParser:
     random.add_argument("--seed", type=int, default=0)
     random.add_argument("--meta", action="store_true", help="print parameter counts and bf16 memory, allocate nothing")
     random.set_defaults(run=convert_random)
+
+    generate_cmd = commands.add_parser("generate", help="draw a picture from a prompt")
+    generate_cmd.add_argument("prompt")
+    generate_cmd.add_argument("-o", "--output", default="out.png", help="PNG file; several images get -0, -1, ...")
+    generate_cmd.add_argument("--model", required=True, help="a Pisces checkpoint folder")
+    generate_cmd.add_argument("--seed", type=int, default=0)
+    generate_cmd.add_argument("--steps", type=int, default=25, help="denoising steps")
+    generate_cmd.add_argument("--guidance", type=float, default=None, help="guidance on the LLM's vectors")
+    generate_cmd.add_argument("--num-images", type=int, default=1)
+    generate_cmd.set_defaults(run=generate)
 
     describe_cmd = commands.add_parser("describe", help="answer a question about an image")
     describe_cmd.add_argument("image")
