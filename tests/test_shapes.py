@@ -1,0 +1,131 @@
+"""The shapes world and ShapeEval's detector and scoring."""
+
+from collections import Counter
+
+import numpy as np
+import pytest
+from PIL import ImageFilter
+
+from pisces.training.shape_eval import (
+    CATEGORIES,
+    EvalPrompt,
+    detect_objects,
+    held_out_prompts,
+    prompts_fingerprint,
+    render_prompt,
+    score,
+    shapeeval_prompts,
+    summarize,
+)
+from pisces.training.shapes import (
+    COLOURS,
+    HELD_OUT_PAIRS,
+    NUMBERS,
+    SHAPES,
+    SIZES,
+    ShapeObject,
+    detailed_caption,
+    is_held_out,
+    render_objects,
+    sample_scene,
+    short_caption,
+)
+
+
+def test_scenes_are_deterministic_by_seed():
+    first, again, other = sample_scene(7), sample_scene(7), sample_scene(8)
+    assert first.objects == again.objects and first.render().tobytes() == again.render().tobytes()
+    assert short_caption(first) == short_caption(again) and first.qa == again.qa
+    assert first.objects != other.objects
+
+
+def test_the_world_covers_its_vocabulary_and_keeps_held_out_pairs_out_of_training():
+    scenes = [sample_scene(seed) for seed in range(400)]
+    objects = [obj for scene in scenes for obj in scene.objects]
+    assert {o.shape for o in objects} == set(SHAPES) and {o.colour for o in objects} == set(COLOURS)
+    assert {o.size for o in objects} == set(SIZES)
+    assert {(o.row, o.col) for o in objects} == {(r, c) for r in range(3) for c in range(3)}
+    assert Counter(len(s.objects) for s in scenes).keys() == {1, 2, 3, 4}
+    assert not any(is_held_out(o) for o in objects)
+    held_out = [sample_scene(seed, "held_out") for seed in range(100)]
+    assert all(any(is_held_out(o) for o in scene.objects) for scene in held_out)
+    assert {(o.colour, o.shape) for s in held_out for o in s.objects if is_held_out(o)} == set(HELD_OUT_PAIRS)
+
+
+def test_captions_and_answers_describe_the_scene():
+    for seed in range(50):
+        scene = sample_scene(seed)
+        text = detailed_caption(scene)
+        assert text.startswith(f"There {'is' if len(scene.objects) == 1 else 'are'} {NUMBERS[len(scene.objects)]}")
+        for obj in scene.objects:
+            assert f"{obj.size} {obj.colour} {obj.shape} at the {obj.position}." in text
+        answers = dict(scene.qa)
+        assert answers["How many shapes are there?"] == NUMBERS[len(scene.objects)]
+        for question, answer in scene.qa:
+            if question.startswith("What colour is the "):
+                shape = question.removeprefix("What colour is the ").removesuffix("?")
+                assert [o.colour for o in scene.objects if o.shape == shape] == [answer]
+        caption = short_caption(scene)
+        assert all(obj.shape in caption for obj in scene.objects)
+        if scene.layout == "relation":
+            assert any(word in caption for word in ("above", "below", "left of", "right of"))
+
+
+def test_prompt_list_is_fixed_and_versioned():
+    prompts = shapeeval_prompts()
+    assert len(prompts) == 42
+    assert Counter(p.category for p in prompts) == {
+        "single_object": 4, "two_objects": 6, "counting": 8, "colours": 8, "position": 8, "colour_attribution": 8
+    }
+    # Changing the list must be a new SHAPEEVAL_VERSION: scores from different lists do not compare.
+    assert prompts_fingerprint(prompts) == "9ac8c614c336"
+    named = {(c, s) for p in prompts for c, s, _ in p.objects if c is not None}
+    assert not named & set(HELD_OUT_PAIRS)
+    assert {(c, s) for p in held_out_prompts() for c, s, _ in p.objects} == set(HELD_OUT_PAIRS)
+
+
+@pytest.mark.parametrize("blur", [0.0, 1.0])
+def test_detector_scores_rendered_ground_truth(blur):
+    results = []
+    for prompt in shapeeval_prompts() + held_out_prompts():
+        for seed in range(5):
+            image = render_prompt(prompt, seed)
+            if blur:  # a decoder's soft edges
+                image = image.filter(ImageFilter.GaussianBlur(blur))
+            results.append((prompt, score(prompt, detect_objects(image))))
+    summary = summarize(results)
+    assert summary["overall"] >= 0.98, summary
+    assert set(summary["categories"]) == set(CATEGORIES)
+
+
+def test_detector_finds_every_object_of_world_scenes():
+    for seed in range(150):
+        scene = sample_scene(seed)
+        found = Counter((d.colour, d.shape) for d in detect_objects(scene.render()))
+        assert found == Counter((o.colour, o.shape) for o in scene.objects), seed
+
+
+def test_detector_ignores_specks_and_reads_any_image_size():
+    image = render_objects([ShapeObject("triangle", "green", "large", 0, 2)])
+    image.putpixel((5, 5), COLOURS["red"])  # a one-pixel speck is noise, not an object
+    assert [(d.colour, d.shape) for d in detect_objects(image)] == [("green", "triangle")]
+    big = image.resize((256, 256))
+    assert [(d.colour, d.shape) for d in detect_objects(big)] == [("green", "triangle")]
+
+
+def test_scoring_rules_fail_what_they_should():
+    def objects(*specs):
+        return detect_objects(render_objects([ShapeObject(*spec) for spec in specs]))
+
+    counting = EvalPrompt("counting", "two circles", ((None, "circle", 2),))
+    assert score(counting, objects(("circle", "red", "small", 0, 0), ("circle", "blue", "large", 2, 2)))
+    assert not score(counting, objects(*[("circle", "red", "small", r, 0) for r in range(3)]))
+
+    above = EvalPrompt("position", "a circle above a square", ((None, "circle", 1), (None, "square", 1)), "above")
+    assert score(above, objects(("circle", "red", "small", 0, 1), ("square", "blue", "small", 2, 1)))
+    assert not score(above, objects(("circle", "red", "small", 2, 1), ("square", "blue", "small", 0, 1)))
+    assert not score(above, objects(("circle", "red", "small", 1, 0), ("square", "blue", "small", 1, 2)))
+
+    attribution = EvalPrompt("colour_attribution", "a red circle and a blue square", (("red", "circle", 1), ("blue", "square", 1)))
+    assert score(attribution, objects(("circle", "red", "small", 0, 0), ("square", "blue", "small", 2, 2)))
+    assert not score(attribution, objects(("circle", "blue", "small", 0, 0), ("square", "red", "small", 2, 2)))
