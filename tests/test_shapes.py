@@ -129,3 +129,14 @@ def test_scoring_rules_fail_what_they_should():
     attribution = EvalPrompt("colour_attribution", "a red circle and a blue square", (("red", "circle", 1), ("blue", "square", 1)))
     assert score(attribution, objects(("circle", "red", "small", 0, 0), ("square", "blue", "small", 2, 2)))
     assert not score(attribution, objects(("circle", "blue", "small", 0, 0), ("square", "red", "small", 2, 2)))
+
+
+def test_pictures_that_are_not_of_the_world_show_no_objects():
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    noise = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    field = np.asarray(Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)).resize((64, 64), Image.BILINEAR))
+    assert detect_objects(noise) == [] and detect_objects(field) == []
+    prompt = shapeeval_prompts()[0]
+    assert not score(prompt, detect_objects(field))

@@ -103,6 +103,32 @@ def generate(args) -> None:
         print(f"wrote {path}")
 
 
+def eval_shapes(args) -> None:
+    import json
+
+    from pisces.training.shape_eval import CATEGORIES, evaluate_generation, evaluate_understanding
+
+    for name, value in (("--images-per-prompt", args.images_per_prompt), ("--num-scenes", args.num_scenes),
+                        ("--steps", args.steps)):
+        if value < 1:
+            raise CommandError(f"{name} must be at least 1, got {value}")
+    pipe = _load_pipeline(args.model)
+    pipe.set_progress_bar_config(disable=True)
+    result = evaluate_generation(pipe, images_per_prompt=args.images_per_prompt, num_inference_steps=args.steps)
+    result.update(evaluate_understanding(pipe.model, pipe.processor, num_scenes=args.num_scenes))
+    print(f"ShapeEval v{result['version']} (prompts {result['prompts']}), {result['num_images']} images")
+    for name in CATEGORIES:
+        print(f"  {name:<20}{result['categories'][name]:.3f}")
+    print(f"  {'overall':<20}{result['overall']:.3f}")
+    print(f"  {'held-out pairs':<20}{result['held_out']:.3f}")
+    print(f"  {'question answering':<20}{result['vqa_accuracy']:.3f}  ({result['num_questions']} questions)")
+    print(f"  {'detailed captions':<20}{result['caption_accuracy']:.3f}  ({result['num_captions']} scenes)")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2))
+        print(f"wrote {args.json}")
+
+
 def describe(args) -> None:
     import torch
     from PIL import Image, UnidentifiedImageError
@@ -150,6 +176,16 @@ def build_parser() -> argparse.ArgumentParser:
     generate_cmd.add_argument("--guidance", type=float, default=None, help="guidance on the LLM's vectors")
     generate_cmd.add_argument("--num-images", type=int, default=1)
     generate_cmd.set_defaults(run=generate)
+
+    evaluate = commands.add_parser("eval", help="benchmarks")
+    eval_kinds = evaluate.add_subparsers(dest="benchmark", required=True)
+    shapes = eval_kinds.add_parser("shapes", help="ShapeEval (generation) and question answering on the shapes world")
+    shapes.add_argument("--model", required=True, help="a Pisces checkpoint folder")
+    shapes.add_argument("--json", help="write the scores to this JSON file")
+    shapes.add_argument("--images-per-prompt", type=int, default=4)
+    shapes.add_argument("--num-scenes", type=int, default=50, help="held-out scenes for question answering")
+    shapes.add_argument("--steps", type=int, default=25, help="denoising steps")
+    shapes.set_defaults(run=eval_shapes)
 
     describe_cmd = commands.add_parser("describe", help="answer a question about an image")
     describe_cmd.add_argument("image")

@@ -21,6 +21,7 @@ import numpy as np
 from .shapes import (
     BACKGROUND,
     COLOURS,
+    DETAILED_CAPTION_QUESTION,
     GRID,
     HELD_OUT_PAIRS,
     IMAGE_SIZE,
@@ -31,6 +32,7 @@ from .shapes import (
     image_array,
     relation,
     render_objects,
+    sample_scene,
 )
 
 
@@ -39,6 +41,10 @@ CATEGORIES = ("single_object", "two_objects", "counting", "colours", "position",
 RELATIONS = ("above", "below", "left of", "right of")
 # Pixels farther than this (RGB Euclidean) from every palette colour count as background.
 MAX_COLOUR_DISTANCE = 100.0
+# An image is a picture of the world only if at most this share of it is coloured (four large objects cover 20%) ...
+MAX_FOREGROUND = 0.5
+# ... and its detected objects cover at least this share of the coloured pixels.
+MIN_EXPLAINED = 0.75
 # Components smaller than this are decoder noise, not objects (the smallest object covers about 50 pixels).
 MIN_AREA = 12
 # Shape prototypes over three features of a component, measured on rendered objects of both sizes: the widths of its
@@ -153,6 +159,22 @@ def _components(mask: np.ndarray) -> list[np.ndarray]:
     return components
 
 
+def _is_object_like(pixels: np.ndarray) -> bool:
+    """
+    Whether a component could be one of the world's objects: a compact blob, about square, of an object's size. Noise
+    (a random model's output) makes irregular components, which must not pass as objects.
+    """
+    height = pixels[:, 0].max() - pixels[:, 0].min() + 1
+    width = pixels[:, 1].max() - pixels[:, 1].min() + 1
+    smallest, largest = min(SIZES.values()), max(SIZES.values())
+    return (
+        smallest / 2 <= min(height, width)
+        and max(height, width) <= largest * 1.5
+        and max(height, width) <= 1.5 * min(height, width)
+        and len(pixels) >= 0.4 * height * width
+    )
+
+
 def classify_shape(pixels: np.ndarray) -> str:
     """The shape of one component ((N, 2) pixel coordinates), by the nearest prototype of its features."""
     rows, cols = pixels[:, 0], pixels[:, 1]
@@ -193,8 +215,9 @@ def colour_labels(pixels: np.ndarray) -> np.ndarray:
 
 def detect_objects(image, min_area: int = MIN_AREA) -> list[Detection]:
     """
-    The objects in an image: each pixel takes the nearest palette colour (or background), each connected region of
-    one colour larger than `min_area` pixels is an object, classified by shape.
+    The objects in an image: each pixel takes the nearest palette colour (or background), each compact connected
+    region of one colour larger than `min_area` pixels is an object, classified by shape. An image that does not look
+    like the world (more than half coloured, or coloured pixels the objects do not explain) has no objects.
 
     Args:
         image: a PIL image (any mode or size; resized to 64 x 64) or an (H, W, 3) uint8 array.
@@ -204,10 +227,16 @@ def detect_objects(image, min_area: int = MIN_AREA) -> list[Detection]:
     detections = []
     for index, colour in enumerate(COLOURS, start=1):
         for component in _components(labels == index):
-            if len(component) < min_area:
+            if len(component) < min_area or not _is_object_like(component):
                 continue
             center = (float(component[:, 1].mean()) + 0.5, float(component[:, 0].mean()) + 0.5)
             detections.append(Detection(classify_shape(component), colour, len(component), center))
+    # A picture of the world is mostly white, and its objects explain most of its coloured pixels. Anything else (a
+    # colour field, noise) shows no objects at all, so that it cannot pass a prompt by chance.
+    foreground = int((labels > 0).sum())
+    explained = sum(d.area for d in detections)
+    if foreground > labels.size * MAX_FOREGROUND or explained < MIN_EXPLAINED * foreground:
+        return []
     return detections
 
 
@@ -300,4 +329,64 @@ def evaluate_generation(pipe, prompts=None, images_per_prompt: int = 4, seed: in
 
 
 def normalize_answer(text: str) -> str:
-    return re.sub(r"[^a-z ]", "", text.lower()).strip()
+    return " ".join(re.sub(r"[^a-z ]", " ", text.lower()).split())
+
+
+_OBJECT_SENTENCE = re.compile(r"an? (small|large) (\w+) (\w+) at the ([a-z ]+?)\.")
+
+
+def parse_detailed_caption(text: str) -> Counter:
+    """The (size, colour, shape, position) of every object a detailed caption names."""
+    return Counter(_OBJECT_SENTENCE.findall(normalize_caption(text)))
+
+
+def normalize_caption(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def _answer(model, processor, images, questions, max_new_tokens):
+    import torch
+
+    texts = [
+        processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
+            add_generation_prompt=True,
+        )
+        for question in questions
+    ]
+    inputs = processor(images=images, text=texts, return_tensors="pt", padding=True).to(model.device)
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    return processor.batch_decode(output[:, inputs["input_ids"].shape[1] :])
+
+
+def evaluate_understanding(
+    model, processor, num_scenes: int = 50, split: str = "held_out", batch_size: int = 16, seed: int = 0
+) -> dict:
+    """
+    Question answering and detailed-caption accuracy on `num_scenes` scenes of a split (seeds `seed`, `seed + 1`...).
+
+    A question is right when the normalized answer equals the scene's; a caption is right when it names exactly the
+    scene's objects (size, colour, shape and cell). Returns `{"vqa_accuracy", "caption_accuracy", "num_questions",
+    "num_captions"}`.
+    """
+    scenes = [sample_scene(seed + i, split) for i in range(num_scenes)]
+    rows = [(scene, question, answer) for scene in scenes for question, answer in scene.qa]
+    correct = []
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start : start + batch_size]
+        answers = _answer(model, processor, [s.render() for s, _, _ in batch], [q for _, q, _ in batch], 6)
+        correct += [normalize_answer(got) == answer for got, (_, _, answer) in zip(answers, batch)]
+    captions_right = []
+    for start in range(0, len(scenes), batch_size):
+        batch = scenes[start : start + batch_size]
+        captions = _answer(model, processor, [s.render() for s in batch], [DETAILED_CAPTION_QUESTION] * len(batch), 96)
+        for scene, caption in zip(batch, captions):
+            expected = Counter((o.size, o.colour, o.shape, o.position) for o in scene.objects)
+            captions_right.append(parse_detailed_caption(caption) == expected)
+    return {
+        "vqa_accuracy": float(np.mean(correct)),
+        "caption_accuracy": float(np.mean(captions_right)),
+        "num_questions": len(correct),
+        "num_captions": len(captions_right),
+    }

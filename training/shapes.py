@@ -34,6 +34,9 @@ HELD_OUT_PAIRS = (("blue", "triangle"), ("yellow", "circle"), ("purple", "square
 _ROWS, _COLS = ("top", "middle", "bottom"), ("left", "center", "right")
 NUMBERS = ("zero", "one", "two", "three", "four")
 SPLITS = ("train", "held_out")
+# The instructions that ask for each caption; training and evaluation use the same ones.
+BRIEF_CAPTION_QUESTION = "Describe the image briefly."
+DETAILED_CAPTION_QUESTION = "Describe the image in detail."
 
 
 def cell_name(row: int, col: int) -> str:
