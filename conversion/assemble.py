@@ -33,6 +33,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pisces.processing.chat_template import CHATML_TEMPLATE
+
 
 logger = logging.getLogger(__name__)
 
@@ -60,24 +62,6 @@ _SAFETENSORS_DTYPES = {
 # Buffers that older checkpoints saved but current transformers recomputes (non-persistent); skipped when found.
 _RECOMPUTED_BUFFERS = ("rotary_emb.inv_freq", "embeddings.position_ids")
 
-# A ChatML template (Qwen's turn format) with Pisces' image rendering: `{"type": "image"}` renders as `<image>`.
-# Used for the processor when the LLM's tokenizer speaks ChatML and its own template cannot render images.
-CHATML_TEMPLATE = (
-    "{%- macro render_content(content) -%}"
-    "{%- if content is string -%}{{- content -}}"
-    "{%- else -%}{%- for item in content -%}"
-    "{%- if item['type'] == 'image' -%}{{- '<image>' -}}"
-    "{%- elif item['type'] == 'text' -%}{{- item['text'] -}}{%- endif -%}"
-    "{%- endfor -%}{%- endif -%}"
-    "{%- endmacro -%}"
-    "{%- for message in messages -%}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
-    "{%- if message['role'] == 'assistant' -%}"
-    "{%- generation -%}{{- render_content(message['content']) + '<|im_end|>' -}}{%- endgeneration -%}{{- '\\n' -}}"
-    "{%- else -%}{{- render_content(message['content']) + '<|im_end|>\\n' -}}{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
-)
 
 
 class SourceError(ValueError):

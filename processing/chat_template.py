@@ -1,4 +1,4 @@
-"""The Pisces special tokens and the Llama-3 style chat template, defined once for the processor and the tokenizer."""
+"""The Pisces special tokens and the chat templates (Llama 3, and ChatML for Qwen-style LLMs), defined once."""
 
 IMAGE_TOKEN = "<image>"
 BOI_TOKEN = "<boi>"
@@ -33,4 +33,23 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt -%}"
     "{{- '" + START_HEADER + "assistant" + END_HEADER + "\\n\\n' -}}"
     "{%- endif -%}"
+)
+
+# A ChatML template (Qwen's turn format) with Pisces' image rendering: `{"type": "image"}` renders as `<image>`.
+# Used for the processor when the LLM's tokenizer speaks ChatML and its own template cannot render images.
+CHATML_TEMPLATE = (
+    "{%- macro render_content(content) -%}"
+    "{%- if content is string -%}{{- content -}}"
+    "{%- else -%}{%- for item in content -%}"
+    "{%- if item['type'] == 'image' -%}{{- '<image>' -}}"
+    "{%- elif item['type'] == 'text' -%}{{- item['text'] -}}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{%- endmacro -%}"
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "{%- generation -%}{{- render_content(message['content']) + '<|im_end|>' -}}{%- endgeneration -%}{{- '\\n' -}}"
+    "{%- else -%}{{- render_content(message['content']) + '<|im_end|>\\n' -}}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
 )
