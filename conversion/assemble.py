@@ -63,7 +63,6 @@ _SAFETENSORS_DTYPES = {
 _RECOMPUTED_BUFFERS = ("rotary_emb.inv_freq", "embeddings.position_ids")
 
 
-
 class SourceError(ValueError):
     """A component source of the wrong kind or format; the message names the option, the source and what was found."""
 
