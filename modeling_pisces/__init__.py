@@ -25,6 +25,7 @@ finally:
 from transformers import PreTrainedModel, ProcessorMixin  # noqa: F401
 
 from .configuration_pisces import PiscesConfig
+from .lora_defaults import register_lora_defaults
 from .modeling_pisces import (
     PiscesCausalLMOutputWithPast,
     PiscesForConditionalGeneration,
@@ -42,6 +43,7 @@ AutoConfig.register(PiscesConfig.model_type, PiscesConfig, exist_ok=True)
 AutoModel.register(PiscesConfig, PiscesModel, exist_ok=True)
 AutoModelForImageTextToText.register(PiscesConfig, PiscesForConditionalGeneration, exist_ok=True)
 AutoProcessor.register(PiscesConfig, PiscesProcessor, exist_ok=True)
+register_lora_defaults()  # PEFT: LoRA on the language model only, projectors and heads saved whole
 AUTO_TEXT2IMAGE_PIPELINES_MAPPING[PiscesConfig.model_type] = PiscesPipeline
 # Registering a task again logs an "overwriting" warning; a reload re-registers only if the class changed.
 if PIPELINE_REGISTRY.supported_tasks.get("text-to-image", {}).get("impl") is not PiscesTextToImagePipeline:

@@ -299,6 +299,9 @@ class PiscesForConditionalGeneration(PiscesPreTrainedModel, GenerationMixin):
     """
 
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+    # `forward` takes **kwargs (for the language model), from which the Trainer would infer that the loss is normalized
+    # over gradient-accumulation steps and processes by the model itself; it is a plain mean per batch.
+    accepts_loss_kwargs = False
 
     def __init__(self, config: PiscesConfig):
         super().__init__(config)

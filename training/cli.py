@@ -1,7 +1,7 @@
 """The `pisces` command.
 
 It sits in the top layer (`pisces.training`) because its sub-commands reach every layer; `import pisces` never imports
-it. Heavy imports happen inside each sub-command, so `pisces --help` is instant.
+it. Each sub-command imports what it needs inside it, so `pisces --help` costs no more than `import pisces`.
 """
 
 import argparse
@@ -51,6 +51,31 @@ def convert_random(args) -> None:
     except ValueError as error:
         raise CommandError(str(error)) from error
     print(f"wrote a random {args.preset} Pisces checkpoint to {out}")
+
+
+def convert_assemble(args) -> None:
+    from pisces.conversion import assemble_checkpoint
+
+    if args.num_gen_tokens < 1:
+        raise CommandError(f"--num-gen-tokens must be at least 1, got {args.num_gen_tokens}")
+    try:
+        out = assemble_checkpoint(
+            llm=args.llm,
+            und_encoder=args.und_encoder,
+            gen_encoder=args.gen_encoder,
+            out_dir=args.out,
+            decoder=args.decoder,
+            decoder_preset=args.decoder_preset,
+            vae=args.vae,
+            scheduler=args.scheduler,
+            num_gen_tokens=args.num_gen_tokens,
+            dtype=args.dtype,
+            max_shard_size=args.max_shard_size,
+            seed=args.seed,
+        )
+    except (OSError, ValueError) as error:
+        raise CommandError(str(error)) from error
+    print(f"wrote a Pisces checkpoint assembled from {args.llm}, {args.und_encoder} and {args.gen_encoder} to {out}")
 
 
 def _load_pipeline(path: str):
@@ -154,6 +179,164 @@ def describe(args) -> None:
     print(answer.strip())
 
 
+def _load_rows(data: str, split: str):
+    """Training rows: an image folder (metadata.jsonl), a folder saved by `datasets`, or a `datasets` Hub name."""
+    from pisces.training.data import load_image_folder
+
+    folder = Path(data)
+    if (folder / "metadata.jsonl").is_file():
+        try:
+            return load_image_folder(folder)
+        except ValueError as error:
+            raise CommandError(str(error)) from error
+    try:
+        import datasets
+    except ImportError as error:
+        raise CommandError(
+            f"{data} is not an image folder with a metadata.jsonl; to read it as a Hugging Face dataset, install "
+            "`datasets` (pip install datasets)"
+        ) from error
+    try:
+        if folder.is_dir():
+            loaded = datasets.load_from_disk(str(folder))
+            return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
+        return datasets.load_dataset(data, split=split)
+    except (OSError, ValueError, FileNotFoundError) as error:
+        raise CommandError(f"could not load the data {data}: {error}") from error
+
+
+def _load_trainable(path: str):
+    """(pipeline or None, model, processor) of a checkpoint folder; a pipeline folder keeps its decoder."""
+    if (Path(path) / "model_index.json").is_file():
+        pipe = _load_pipeline(path)
+        return pipe, pipe.model, pipe.processor
+    model, processor = _load_checkpoint(path)
+    return None, model, processor
+
+
+def train(args) -> None:
+    from transformers import HfArgumentParser, TrainingArguments
+
+    from pisces.training.stages import CUSTOM_LEARNING_RATE, STAGES
+    from pisces.training.trainer import build_trainer
+
+    if args.stage == "custom" and not args.trainable:
+        raise CommandError("--stage custom needs --trainable PATTERN [PATTERN ...] (module names, * wildcards)")
+    if args.stage != "custom" and args.trainable:
+        raise CommandError(f"--trainable is for --stage custom; {args.stage} is a preset")
+    if args.lora and args.stage not in ("pretrain", "finetune"):
+        raise CommandError("--lora adapts the language model; use it with --stage pretrain or finetune")
+    for name, value in (("--max-steps", args.max_steps), ("--batch-size", args.batch_size),
+                        ("--grad-accum", args.grad_accum)):
+        if value is not None and value < 1:
+            raise CommandError(f"{name} must be at least 1, got {value}")
+    out = Path(args.out)
+    if args.resume and not any(out.glob("checkpoint-*")):
+        raise CommandError(f"--resume: {out} holds no checkpoint-* folder to resume from")
+
+    learning_rate = args.learning_rate
+    if learning_rate is None:
+        learning_rate = CUSTOM_LEARNING_RATE if args.stage == "custom" else STAGES[args.stage].learning_rate
+    # Pisces' defaults first, then whatever Trainer arguments followed `--`: the later value wins.
+    trainer_argv = [
+        "--output_dir", str(out),
+        "--per_device_train_batch_size", str(args.batch_size),
+        "--gradient_accumulation_steps", str(args.grad_accum),
+        "--learning_rate", str(learning_rate),
+        "--max_steps", str(args.max_steps or -1),
+        "--num_train_epochs", str(args.epochs),
+        "--logging_steps", str(args.logging_steps),
+        "--save_steps", str(args.save_steps),
+        "--seed", str(args.seed),
+        "--report_to", "none",
+        "--remove_unused_columns", "False",
+    ]
+    # transformers 5.24 renamed gradient_checkpointing -> activation_checkpointing (the old name warns).
+    checkpointing = "activation_checkpointing"
+    if checkpointing not in TrainingArguments.__dataclass_fields__:
+        checkpointing = "gradient_checkpointing"
+    trainer_argv += ["--bf16"] * args.bf16 + ["--fp16"] * args.fp16
+    trainer_argv += [f"--{checkpointing}"] * args.gradient_checkpointing
+    try:
+        (training_args,) = HfArgumentParser(TrainingArguments).parse_args_into_dataclasses(
+            args=trainer_argv + list(args.trainer_args)
+        )
+    except ValueError as error:
+        raise CommandError(f"bad Trainer arguments: {error}") from error
+
+    pipe, model, processor = _load_trainable(args.model)
+    rows = _load_rows(args.data, args.split)
+    stage = args.stage
+    if args.lora:
+        from peft import LoraConfig, get_peft_model
+
+        # Targets, modules to save and special-token rows come from the defaults `import pisces` registers.
+        model = get_peft_model(model, LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha))
+        stage = None
+    try:
+        trainer = build_trainer(
+            model, processor, rows, training_args, stage=stage, trainable=args.trainable,
+            generation_ratio=args.generation_ratio, caption_dropout=args.caption_dropout, data_seed=args.seed,
+            image_column=args.image_column, text_column=args.text_column,
+        )
+    except ValueError as error:
+        raise CommandError(str(error)) from error
+    trainer.train(resume_from_checkpoint=True if args.resume else None)
+
+    if args.lora:
+        if trainer.is_world_process_zero():
+            model = trainer.accelerator.unwrap_model(trainer.model)
+            model.save_pretrained(out / "adapter")
+            model.merge_and_unload().save_pretrained(out)
+            processor.save_pretrained(out)
+    else:
+        # On every process: under FSDP or ZeRO-3 the Trainer gathers the shards into one checkpoint.
+        trainer.save_model(str(out))
+    if not trainer.is_world_process_zero():
+        return
+    (out / "training_args.bin").unlink(missing_ok=True)  # a pickle; the checkpoint folder holds safetensors only
+    if pipe is not None:
+        # The decoder, the VAE and the scheduler did not train: carried over in the pipeline's layout.
+        from pisces.pipelines.pipeline_pisces import SUBFOLDER_COMPONENTS
+
+        for name in SUBFOLDER_COMPONENTS:
+            component = getattr(pipe, name)
+            if component is not None:
+                component.save_pretrained(out / name)
+        pipe.save_config(out)
+    last = next((log for log in reversed(trainer.state.log_history) if "loss" in log), {})
+    losses = ", ".join(f"{key} {last[key]:.4f}" for key in ("loss", "lm_loss", "gen_loss") if key in last)
+    print(f"trained {trainer.state.global_step} steps ({losses}); wrote the checkpoint to {out}")
+
+
+def train_decoder(args) -> None:
+    from accelerate import PartialState
+
+    from pisces.training.decoder_training import train_decoder as run
+
+    for name, value in (("--max-steps", args.max_steps), ("--batch-size", args.batch_size),
+                        ("--grad-accum", args.grad_accum)):
+        if value < 1:
+            raise CommandError(f"{name} must be at least 1, got {value}")
+    if args.ema_decay is not None and not 0 < args.ema_decay < 1:
+        raise CommandError(f"--ema-decay must be in (0, 1), got {args.ema_decay}")
+    pipe = _load_pipeline(args.model)
+    rows = _load_rows(args.data, args.split)
+    try:
+        losses = run(
+            pipe, rows, max_steps=args.max_steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
+            gradient_accumulation_steps=args.grad_accum, condition_dropout=args.condition_dropout,
+            ema_decay=args.ema_decay, mixed_precision=args.mixed_precision, seed=args.seed,
+            logging_steps=args.logging_steps, image_column=args.image_column,
+        )
+    except ValueError as error:
+        raise CommandError(str(error)) from error
+    if PartialState().is_main_process:
+        pipe.save_pretrained(args.out)
+        print(f"trained the decoder {len(losses)} steps (loss {losses[0]:.4f} -> {losses[-1]:.4f}); "
+              f"wrote the checkpoint to {args.out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pisces", description="Pisces: unified image understanding and generation.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -166,6 +349,25 @@ def build_parser() -> argparse.ArgumentParser:
     random.add_argument("--seed", type=int, default=0)
     random.add_argument("--meta", action="store_true", help="print parameter counts and bf16 memory, allocate nothing")
     random.set_defaults(run=convert_random)
+    assemble = convert_kinds.add_parser(
+        "assemble", help="a checkpoint from public components: an LLM, a SigLIP, a CLIP-like encoder, a decoder"
+    )
+    assemble.add_argument("--llm", required=True, help="causal LM with its tokenizer (folder or Hub repo id)")
+    assemble.add_argument("--und-encoder", required=True, help="SigLIP checkpoint, full or vision-only")
+    assemble.add_argument("--gen-encoder", required=True, help="CLIP or SigLIP checkpoint, full or vision-only")
+    assemble.add_argument("--out", required=True, help="folder to write (new or empty)")
+    decoder_source = assemble.add_mutually_exclusive_group()
+    decoder_source.add_argument("--decoder", help="diffusers UNet2DConditionModel (folder, or a pipeline with unet/)")
+    decoder_source.add_argument(
+        "--decoder-preset", choices=["tiny", "small", "sdxl"], help="a fresh decoder (default: small)"
+    )
+    assemble.add_argument("--vae", help="diffusers AutoencoderKL; without it the decoder works in pixels")
+    assemble.add_argument("--scheduler", help="diffusers scheduler folder (default: DDIM)")
+    assemble.add_argument("--num-gen-tokens", type=int, default=64, help="generation tokens per image")
+    assemble.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    assemble.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 5GB")
+    assemble.add_argument("--seed", type=int, default=0, help="seeds the fresh projectors, heads and decoder")
+    assemble.set_defaults(run=convert_assemble)
 
     generate_cmd = commands.add_parser("generate", help="draw a picture from a prompt")
     generate_cmd.add_argument("prompt")
@@ -193,6 +395,57 @@ def build_parser() -> argparse.ArgumentParser:
     describe_cmd.add_argument("--model", required=True, help="a Pisces checkpoint folder")
     describe_cmd.add_argument("--max-new-tokens", type=int, default=32)
     describe_cmd.set_defaults(run=describe)
+    train_cmd = commands.add_parser(
+        "train", help="train the LLM side (stage presets, LoRA) with the transformers Trainer",
+        description="Trains with transformers.Trainer; Trainer arguments after `--` pass through "
+        "(e.g. `-- --warmup_steps 100 --lr_scheduler_type cosine`). Runs unchanged under `accelerate launch`.",
+    )
+    train_cmd.add_argument("--model", required=True, help="a Pisces checkpoint folder")
+    train_cmd.add_argument("--data", required=True, help="an image folder (metadata.jsonl) or a datasets name/folder")
+    train_cmd.add_argument("--stage", default="pretrain", choices=["align", "pretrain", "finetune", "custom"])
+    train_cmd.add_argument("--trainable", nargs="+", help="module name patterns that train (--stage custom)")
+    train_cmd.add_argument("--out", required=True, help="output folder: checkpoints, then the trained checkpoint")
+    train_cmd.add_argument("--max-steps", type=int, help="optimizer steps (default: --epochs over the data)")
+    train_cmd.add_argument("--epochs", type=float, default=1.0)
+    train_cmd.add_argument("--batch-size", type=int, default=8, help="per process")
+    train_cmd.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
+    train_cmd.add_argument("--learning-rate", type=float, help="default: the stage's")
+    train_cmd.add_argument("--generation-ratio", type=float, default=0.5, help="share of rows used for text-to-image")
+    train_cmd.add_argument("--caption-dropout", type=float, default=0.1, help="empty prompt on this share of them")
+    train_cmd.add_argument("--lora", action="store_true", help="LoRA on the language model (PEFT defaults)")
+    train_cmd.add_argument("--lora-rank", type=int, default=8)
+    train_cmd.add_argument("--lora-alpha", type=int, default=16)
+    train_cmd.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    train_cmd.add_argument("--save-steps", type=int, default=500)
+    train_cmd.add_argument("--logging-steps", type=int, default=10)
+    train_cmd.add_argument("--seed", type=int, default=0)
+    train_cmd.add_argument("--gradient-checkpointing", action="store_true")
+    train_cmd.add_argument("--bf16", action="store_true")
+    train_cmd.add_argument("--fp16", action="store_true")
+    train_cmd.add_argument("--split", default="train", help="split of a datasets dataset")
+    train_cmd.add_argument("--image-column", default="image")
+    train_cmd.add_argument("--text-column", default="text")
+    train_cmd.add_argument("trainer_args", nargs="*", help="after --: transformers TrainingArguments flags")
+    train_cmd.set_defaults(run=train)
+
+    decoder_cmd = commands.add_parser(
+        "train-decoder", help="train the diffusion decoder on the frozen gen encoder's vectors (accelerate)"
+    )
+    decoder_cmd.add_argument("--model", required=True, help="a Pisces pipeline checkpoint folder")
+    decoder_cmd.add_argument("--data", required=True, help="an image folder (metadata.jsonl) or a datasets name/folder")
+    decoder_cmd.add_argument("--out", required=True, help="output folder: the checkpoint with the trained decoder")
+    decoder_cmd.add_argument("--max-steps", type=int, default=1000)
+    decoder_cmd.add_argument("--batch-size", type=int, default=8, help="per process")
+    decoder_cmd.add_argument("--grad-accum", type=int, default=1)
+    decoder_cmd.add_argument("--learning-rate", type=float, default=1e-4)
+    decoder_cmd.add_argument("--condition-dropout", type=float, default=0.1, help="zero vectors (decoder guidance)")
+    decoder_cmd.add_argument("--ema-decay", type=float, help="keep an EMA of the weights, e.g. 0.9999")
+    decoder_cmd.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
+    decoder_cmd.add_argument("--seed", type=int, default=0)
+    decoder_cmd.add_argument("--logging-steps", type=int, default=10)
+    decoder_cmd.add_argument("--split", default="train", help="split of a datasets dataset")
+    decoder_cmd.add_argument("--image-column", default="image")
+    decoder_cmd.set_defaults(run=train_decoder)
     return parser
 
 

@@ -1,0 +1,297 @@
+"""Training data for Pisces: image-caption (and question-answer) rows -> model batches.
+
+- `load_image_folder(path)` reads a folder in the `datasets` "imagefolder" convention: images beside a
+  `metadata.jsonl` whose lines hold `file_name` and `text`, and optionally `question` and `answer`.
+- `PiscesTrainingDataset` turns rows (from that folder, a Hugging Face `datasets.Dataset`, or any list of dicts) into
+  training samples, each in one direction: caption (image -> text, cross-entropy), question answering (image +
+  question -> answer) or generation (text -> image vectors, MSE), with caption dropout on generation samples for
+  classifier-free guidance. Bad rows (missing or unreadable image, empty text) are skipped and counted.
+- `PiscesCollator` builds the sequences of DESIGN.md section 1 with the processor: `<image>` placeholders, the
+  generation sequence `prompt <boi> <gen>*m <eoi>`, the labels, and `pixel_values` / `gen_pixel_values`.
+"""
+
+import io
+import json
+import random
+from pathlib import Path
+
+import PIL.Image
+import torch
+from transformers.utils import logging
+
+from pisces.processing.processing_pisces import to_rgb_image
+
+
+logger = logging.get_logger(__name__)
+
+DEFAULT_CAPTION_PROMPT = "Describe the image."
+# Key of the per-batch count of skipped rows; `PiscesTrainer` pops it before the forward and logs it.
+SKIPPED_ROWS_KEY = "skipped_rows"
+
+
+class ImageFolderDataset(torch.utils.data.Dataset):
+    """
+    The rows of an image folder in the `datasets` "imagefolder" convention: `{"image": path, "text": str, ...}`.
+
+    The images are not opened here: `PiscesTrainingDataset` opens them and skips the ones that fail.
+    """
+
+    def __init__(self, rows: list[dict]):
+        self.rows = rows
+        self.column_names = sorted({key for row in rows for key in row})
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.rows[index]
+
+
+def load_image_folder(path: str | Path) -> ImageFolderDataset:
+    """
+    Reads `path/metadata.jsonl` (one JSON object a line, with `file_name` relative to `path`, `text`, and optionally
+    `question` and `answer`). Lines that are not JSON objects or lack `file_name` are skipped with a warning.
+    """
+    root = Path(path)
+    metadata = root / "metadata.jsonl"
+    if not metadata.is_file():
+        raise ValueError(
+            f"{root} has no metadata.jsonl; an image folder needs one line per image, e.g. "
+            '{"file_name": "0.png", "text": "a red circle"}.'
+        )
+    rows, bad = [], 0
+    for number, line in enumerate(metadata.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if not isinstance(record, dict) or not isinstance(record.get("file_name"), str):
+            bad += 1
+            logger.warning(f"{metadata}:{number} is not a JSON object with a file_name; skipped.")
+            continue
+        row = {key: value for key, value in record.items() if key != "file_name"}
+        row["image"] = str(root / record["file_name"])
+        rows.append(row)
+    if not rows:
+        raise ValueError(f"{metadata} lists no images.")
+    return ImageFolderDataset(rows)
+
+
+def _text(value) -> str | None:
+    """A non-empty stripped string, or None."""
+    if not isinstance(value, str):
+        return None
+    value = value.strip()
+    return value or None
+
+
+class PiscesTrainingDataset(torch.utils.data.Dataset):
+    """
+    Training samples from rows holding an image and a text (and optionally a question and its answer).
+
+    Each row serves one direction, drawn from a generator seeded by `(seed, index)`: generation with probability
+    `generation_ratio`, otherwise understanding (question answering when the row has a question and an answer,
+    captioning otherwise). Generation samples drop their caption with probability `caption_dropout`, which teaches
+    the model the unconditional prompt used by classifier-free guidance. Because the draws depend on the index only,
+    a resumed run and a multi-process run see exactly the samples of an uninterrupted single-process run; a row keeps
+    its direction from one epoch to the next.
+
+    A bad row (missing or unreadable image, empty text for its direction) is replaced by the next good row, and the
+    sample says so (`SKIPPED_ROWS_KEY` = 1) so that the trainer counts it in its log, even from dataloader workers:
+    an epoch counts each bad row once.
+
+    Args:
+        rows: any indexable of dicts: a `datasets.Dataset`, `load_image_folder(...)`, a list.
+        image_column, text_column: the keys of the image (PIL image, array, path, or a `datasets` image dict with
+            `path` / `bytes`) and of the caption.
+        question_column, answer_column: the keys of an optional question and answer.
+        generation_ratio: fraction of rows used as generation samples (text -> image).
+        caption_dropout: probability that a generation sample's caption is replaced by the empty prompt.
+        seed: seeds the directions and the dropout.
+
+    Returns samples `{"task", "image" (RGB PIL), "text", "question", "answer", SKIPPED_ROWS_KEY}`.
+    """
+
+    def __init__(
+        self,
+        rows,
+        image_column: str = "image",
+        text_column: str = "text",
+        question_column: str = "question",
+        answer_column: str = "answer",
+        generation_ratio: float = 0.5,
+        caption_dropout: float = 0.1,
+        seed: int = 0,
+    ):
+        for name, value in (("generation_ratio", generation_ratio), ("caption_dropout", caption_dropout)):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {value}.")
+        if len(rows) == 0:
+            raise ValueError("The training data is empty.")
+        columns = getattr(rows, "column_names", None)
+        if isinstance(columns, (list, tuple)) and image_column not in columns:
+            raise ValueError(f"The data has no image column {image_column!r}; its columns are {list(columns)}.")
+        self.rows = rows
+        self.image_column = image_column
+        self.text_column = text_column
+        self.question_column = question_column
+        self.answer_column = answer_column
+        self.generation_ratio = generation_ratio
+        self.caption_dropout = caption_dropout
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def _sample(self, index: int) -> dict | None:
+        """The sample of row `index`, or None when the row is bad."""
+        row = self.rows[index]
+        rng = random.Random(f"pisces-{self.seed}-{index}")
+        text = _text(row.get(self.text_column))
+        question, answer = _text(row.get(self.question_column)), _text(row.get(self.answer_column))
+        wants_generation = rng.random() < self.generation_ratio
+        dropped = rng.random() < self.caption_dropout
+        if wants_generation and text is not None:
+            task = "generation"
+        elif question is not None and answer is not None:
+            task = "vqa"
+        elif text is not None:
+            task = "caption"
+        else:
+            return None
+        image = load_row_image(row.get(self.image_column), index)
+        if image is None:
+            return None
+        if task == "generation" and dropped:
+            text = ""
+        return {"task": task, "image": image, "text": text, "question": question, "answer": answer}
+
+    def __getitem__(self, index: int) -> dict:
+        for offset in range(len(self.rows)):
+            sample = self._sample((index + offset) % len(self.rows))
+            if sample is not None:
+                # Row `index` itself was bad or not; the bad rows passed over count when they are asked for.
+                sample[SKIPPED_ROWS_KEY] = int(offset > 0)
+                return sample
+        raise ValueError("Every row of the training data is bad (missing or unreadable images, or empty texts).")
+
+
+def load_row_image(image, index: int):
+    """
+    The RGB PIL image of a row's image value (PIL image, array, path, or a `datasets` Image dict with `bytes` or
+    `path`), or None with a warning when it is missing or unreadable.
+    """
+    if isinstance(image, dict):  # a `datasets` Image feature not decoded: {"bytes", "path"}
+        if image.get("bytes") is not None:
+            try:
+                with PIL.Image.open(io.BytesIO(image["bytes"])) as opened:
+                    opened.load()
+                    image = opened.copy()
+            except (OSError, PIL.UnidentifiedImageError) as error:
+                logger.warning(f"Skipping row {index}: its image bytes are not an image ({error}).")
+                return None
+        else:
+            image = image.get("path")
+    if image is None:
+        return None
+    try:
+        return to_rgb_image(image, index, "image")
+    except ValueError as error:
+        logger.warning(f"Skipping row {index}: {error}")
+        return None
+
+
+class PiscesCollator:
+    """
+    Batches `PiscesTrainingDataset` samples into model inputs, right-padded.
+
+    - caption: `user: <image> {caption_prompt}` / `assistant: {caption}<|eot_id|>`, labels on the assistant turn.
+    - vqa: `user: <image> {question}` / `assistant: {answer}<|eot_id|>`, labels on the assistant turn.
+    - generation: `processor.format_generation_sequence(text)` = `prompt <boi> <gen>*m <eoi>` with the image as
+      `gen_images`; the only label is `<eoi>` (the image vectors are supervised by `gen_loss`).
+
+    Args:
+        processor ([`PiscesProcessor`]): tokenizer and image processors of the checkpoint.
+        caption_prompt: the instruction of caption samples.
+        max_length: optional truncation length; a sample whose placeholders would be cut raises.
+        report_skipped: add `SKIPPED_ROWS_KEY` (the number of bad rows skipped) to the batch; `PiscesTrainer` pops
+            it. Turn it off to use the batches with a stock `Trainer` or a plain loop.
+
+    Returns a dict: `input_ids`, `attention_mask`, `labels` `(batch_size, sequence_length)`, `pixel_values`
+    `(num_understanding_samples, 3, H, W)` and `gen_pixel_values` `(num_generation_samples, 3, H', W')` when present.
+    """
+
+    def __init__(self, processor, caption_prompt: str = DEFAULT_CAPTION_PROMPT, max_length: int | None = None,
+                 report_skipped: bool = True):
+        self.processor = processor
+        self.caption_prompt = caption_prompt
+        self.max_length = max_length
+        self.report_skipped = report_skipped
+
+    def _understanding_text(self, question: str) -> str:
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        return self.processor.apply_chat_template(messages, add_generation_prompt=True)
+
+    def __call__(self, samples: list[dict]) -> dict:
+        processor = self.processor
+        eot = "<|eot_id|>"
+        texts, targets_from, images, gen_images = [], [], [], []
+        for sample in samples:
+            task = sample["task"]
+            if task == "generation":
+                texts.append(processor.format_generation_sequence(sample["text"]))
+                targets_from.append(None)
+                images.append([])
+                gen_images.append([sample["image"]])
+                continue
+            question, answer = (
+                (self.caption_prompt, sample["text"]) if task == "caption" else (sample["question"], sample["answer"])
+            )
+            prompt = self._understanding_text(question)
+            texts.append(prompt + answer + eot)
+            targets_from.append(len(prompt))
+            images.append([sample["image"]])
+            gen_images.append([])
+
+        encoded = processor(
+            text=texts,
+            images=images if any(images) else None,
+            gen_images=gen_images if any(gen_images) else None,
+            padding=True,
+            padding_side="right",
+            truncation=self.max_length is not None,
+            max_length=self.max_length,
+            return_offsets_mapping=True,
+            return_tensors="pt",
+        )
+        input_ids, offsets = encoded["input_ids"], encoded.pop("offset_mapping")
+        labels = torch.full_like(input_ids, -100)
+        for row, start in enumerate(targets_from):
+            if start is None:
+                # Generation: only <eoi> is a text target; the vectors before it are supervised by gen_loss.
+                keep = input_ids[row] == processor.eoi_token_id
+            else:
+                # Understanding: the assistant's answer (character offsets refer to the unexpanded text).
+                keep = (offsets[row, :, 0] >= start) & (offsets[row, :, 1] > offsets[row, :, 0])
+            labels[row, keep] = input_ids[row, keep]
+        labels[encoded["attention_mask"] == 0] = -100
+
+        batch = {key: encoded[key] for key in ("input_ids", "attention_mask", "pixel_values", "gen_pixel_values")
+                 if key in encoded}
+        batch["labels"] = labels
+        if self.report_skipped:
+            batch[SKIPPED_ROWS_KEY] = torch.tensor(sum(sample.get(SKIPPED_ROWS_KEY, 0) for sample in samples))
+        return batch
+
+
+__all__ = [
+    "DEFAULT_CAPTION_PROMPT",
+    "ImageFolderDataset",
+    "PiscesCollator",
+    "PiscesTrainingDataset",
+    "SKIPPED_ROWS_KEY",
+    "load_image_folder",
+    "load_row_image",
+]

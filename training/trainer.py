@@ -1,0 +1,109 @@
+"""Training Pisces' LLM side with the stock `transformers.Trainer`.
+
+`PiscesForConditionalGeneration` returns `loss = lm_loss + lambda * gen_loss`, so the stock `Trainer` trains it as is
+(with `remove_unused_columns=False`, since the collator needs the raw samples). `PiscesTrainer` is that Trainer plus
+three things a long multimodal run needs in its log: `lm_loss` and `gen_loss` separately (averaged over the logging
+interval and over processes) and the number of bad data rows skipped.
+"""
+
+import torch
+from transformers import Trainer, TrainingArguments
+
+from .data import SKIPPED_ROWS_KEY, PiscesCollator, PiscesTrainingDataset
+from .stages import apply_stage
+
+
+class PiscesTrainer(Trainer):
+    """
+    `transformers.Trainer` for `PiscesForConditionalGeneration` (or a PEFT model around it) that logs `lm_loss`,
+    `gen_loss` and `skipped_rows` beside `loss`. Takes the arguments of `Trainer`.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # The model's forward takes **kwargs (for the language model), which makes the Trainer believe it normalizes its
+        # loss by `num_items_in_batch` itself; it does not (per-batch means), so let the Trainer scale for gradient
+        # accumulation and processes the usual way.
+        self.model_accepts_loss_kwargs = False
+        if self.args.remove_unused_columns:
+            # The collator reads the raw samples (images, texts); the Trainer must not strip them.
+            self.args.remove_unused_columns = False
+        self._metric_sums = None
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        skipped = inputs.pop(SKIPPED_ROWS_KEY, None)
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        if model.training:
+            if self._metric_sums is None:
+                # lm_loss sum, batches with lm_loss, gen_loss sum, batches with gen_loss, skipped rows.
+                self._metric_sums = torch.zeros(5, device=loss.device, dtype=torch.float64)
+            sums = self._metric_sums
+            if outputs.get("lm_loss") is not None:
+                sums[0] += outputs["lm_loss"].detach().to(sums.device, sums.dtype)
+                sums[1] += 1
+            if outputs.get("gen_loss") is not None:
+                sums[2] += outputs["gen_loss"].detach().to(sums.device, sums.dtype)
+                sums[3] += 1
+            if skipped is not None:
+                sums[4] += float(skipped)
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        # Training logs carry "loss"; every process reaches this point together (the Trainer gathers the loss first).
+        if "loss" in logs and self._metric_sums is not None:
+            sums = self.accelerator.reduce(self._metric_sums.clone(), reduction="sum")
+            if sums[1] > 0:
+                logs["lm_loss"] = round(float(sums[0] / sums[1]), 6)
+            if sums[3] > 0:
+                logs["gen_loss"] = round(float(sums[2] / sums[3]), 6)
+            logs["skipped_rows"] = int(sums[4])
+            self._metric_sums.zero_()
+        super().log(logs, *args, **kwargs)
+
+
+def build_trainer(
+    model,
+    processor,
+    rows,
+    args: TrainingArguments,
+    stage: str | None = "pretrain",
+    trainable: list[str] | None = None,
+    generation_ratio: float = 0.5,
+    caption_dropout: float = 0.1,
+    caption_prompt: str | None = None,
+    data_seed: int = 0,
+    callbacks=None,
+    **dataset_kwargs,
+) -> PiscesTrainer:
+    """
+    A `PiscesTrainer` over image-caption rows, with the parameters of `stage` trainable.
+
+    Args:
+        model: a `PiscesForConditionalGeneration`, or a PEFT model around one (then pass `stage=None`).
+        processor: its `PiscesProcessor`.
+        rows: image-text rows (see `PiscesTrainingDataset`): a `datasets.Dataset`, `load_image_folder(...)`, a list.
+        args: the `TrainingArguments`.
+        stage: a stage preset (`pisces.training.stages`), or None to keep the model's `requires_grad` as they are.
+        trainable: module name patterns, for `stage="custom"`.
+        generation_ratio, caption_dropout, data_seed: see `PiscesTrainingDataset`.
+        caption_prompt: the instruction of caption samples (default `DEFAULT_CAPTION_PROMPT`).
+        callbacks: `TrainerCallback`s.
+        dataset_kwargs: column names for `PiscesTrainingDataset`.
+    """
+    if stage is not None:
+        apply_stage(model, stage, trainable)
+    dataset = PiscesTrainingDataset(
+        rows, generation_ratio=generation_ratio, caption_dropout=caption_dropout, seed=data_seed, **dataset_kwargs
+    )
+    collator_kwargs = {} if caption_prompt is None else {"caption_prompt": caption_prompt}
+    return PiscesTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=PiscesCollator(processor, **collator_kwargs),
+        processing_class=processor,
+        callbacks=callbacks,
+    )
+
+
+__all__ = ["PiscesTrainer", "build_trainer"]
