@@ -13,6 +13,14 @@ class CommandError(Exception):
     """A mistake the user can fix; printed as one line, without a traceback."""
 
 
+def _require_at_least_one(args, *options: str) -> None:
+    """Fails with a one-line error when an integer option (e.g. `"--max-steps"`) is given below 1."""
+    for option in options:
+        value = getattr(args, option.removeprefix("--").replace("-", "_"))
+        if value is not None and value < 1:
+            raise CommandError(f"{option} must be at least 1, got {value}")
+
+
 def _load_checkpoint(path: str):
     import pisces  # noqa: F401  (registers the Auto classes)
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
@@ -56,8 +64,7 @@ def convert_random(args) -> None:
 def convert_assemble(args) -> None:
     from pisces.conversion import assemble_checkpoint
 
-    if args.num_gen_tokens < 1:
-        raise CommandError(f"--num-gen-tokens must be at least 1, got {args.num_gen_tokens}")
+    _require_at_least_one(args, "--num-gen-tokens")
     try:
         out = assemble_checkpoint(
             llm=args.llm,
@@ -102,9 +109,7 @@ def generate(args) -> None:
     out = Path(args.output)
     if out.suffix.lower() != ".png":
         raise CommandError(f"-o/--output must name a .png file, got {args.output}")
-    for name, value in (("--steps", args.steps), ("--num-images", args.num_images)):
-        if value < 1:
-            raise CommandError(f"{name} must be at least 1, got {value}")
+    _require_at_least_one(args, "--steps", "--num-images")
     if args.guidance is not None and args.guidance < 1:
         raise CommandError(f"--guidance must be at least 1 (1 turns guidance off), got {args.guidance}")
 
@@ -133,10 +138,7 @@ def eval_shapes(args) -> None:
 
     from pisces.training.shape_eval import CATEGORIES, evaluate_generation, evaluate_understanding
 
-    for name, value in (("--images-per-prompt", args.images_per_prompt), ("--num-scenes", args.num_scenes),
-                        ("--steps", args.steps)):
-        if value < 1:
-            raise CommandError(f"{name} must be at least 1, got {value}")
+    _require_at_least_one(args, "--images-per-prompt", "--num-scenes", "--steps")
     pipe = _load_pipeline(args.model)
     pipe.set_progress_bar_config(disable=True)
     result = evaluate_generation(pipe, images_per_prompt=args.images_per_prompt, num_inference_steps=args.steps)
@@ -166,8 +168,7 @@ def describe(args) -> None:
         image.load()
     except (UnidentifiedImageError, OSError) as error:
         raise CommandError(f"cannot read {args.image} as an image: {error}") from error
-    if args.max_new_tokens < 1:
-        raise CommandError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    _require_at_least_one(args, "--max-new-tokens")
 
     model, processor = _load_checkpoint(args.model)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": args.prompt}]}]
@@ -226,10 +227,7 @@ def train(args) -> None:
         raise CommandError(f"--trainable is for --stage custom; {args.stage} is a preset")
     if args.lora and args.stage not in ("pretrain", "finetune"):
         raise CommandError("--lora adapts the language model; use it with --stage pretrain or finetune")
-    for name, value in (("--max-steps", args.max_steps), ("--batch-size", args.batch_size),
-                        ("--grad-accum", args.grad_accum)):
-        if value is not None and value < 1:
-            raise CommandError(f"{name} must be at least 1, got {value}")
+    _require_at_least_one(args, "--max-steps", "--batch-size", "--grad-accum")
     out = Path(args.out)
     if args.resume and not any(out.glob("checkpoint-*")):
         raise CommandError(f"--resume: {out} holds no checkpoint-* folder to resume from")
@@ -314,10 +312,7 @@ def train_decoder(args) -> None:
 
     from pisces.training.decoder_training import train_decoder as run
 
-    for name, value in (("--max-steps", args.max_steps), ("--batch-size", args.batch_size),
-                        ("--grad-accum", args.grad_accum)):
-        if value < 1:
-            raise CommandError(f"{name} must be at least 1, got {value}")
+    _require_at_least_one(args, "--max-steps", "--batch-size", "--grad-accum")
     if args.ema_decay is not None and not 0 < args.ema_decay < 1:
         raise CommandError(f"--ema-decay must be in (0, 1), got {args.ema_decay}")
     pipe = _load_pipeline(args.model)
