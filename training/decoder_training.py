@@ -4,7 +4,7 @@ The decoder is an autoencoder's second half (DESIGN.md section 1): image -> froz
 denoiser -> image. It never sees the LLM, so it trains on images alone. The loss follows the pipeline's scheduler:
 epsilon or v-prediction (or sample) for DDPM-family schedulers, velocity `noise - x0` for flow matching; in the VAE's
 latents when the pipeline has a VAE, in pixels otherwise. Built on accelerate (so it runs unchanged under
-`accelerate launch`) and diffusers' training utilities (`EMAModel`, `compute_density_for_timestep_sampling`).
+`accelerate launch`) and diffusers' training utilities (`EMAModel`).
 """
 
 import math
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from diffusers import DDPMScheduler
-from diffusers.training_utils import EMAModel, compute_density_for_timestep_sampling
+from diffusers.training_utils import EMAModel
 from transformers.utils import logging
 
 from pisces.pipelines import decoder_conditioning
@@ -63,16 +63,33 @@ class DecoderImages(torch.utils.data.Dataset):
                 self.skipped += offset
                 gen = self.gen_image_processor(images=[image], return_tensors="pt")["pixel_values"][0]
                 pixels = self.image_processor.preprocess(image, height=self.size, width=self.size)[0]
-                return {"gen_pixel_values": gen, "pixel_values": pixels}
+                return {"gen_pixel_values": gen, "pixel_values": pixels, "index": index}
         raise ValueError("Every row of the training data is bad (missing or unreadable images).")
 
 
-def _encode(pipe, pixel_values: torch.Tensor, generator) -> torch.Tensor:
+class PerSampleRandom:
+    """
+    Draws each sample's random numbers from its own generator, seeded by (seed, epoch, dataset index). A sample then
+    gets the same noise whichever process or micro-batch it lands in, so N processes train exactly like one process
+    with N-fold gradient accumulation.
+    """
+
+    def __init__(self, indices: torch.Tensor, epoch: int, seed: int, device: torch.device):
+        self.generators = [torch.Generator().manual_seed(hash((seed, epoch, int(i))) % 2**63) for i in indices]
+        self.device = device
+
+    def draw(self, fn) -> torch.Tensor:
+        """`fn(generator)` for every sample, stacked along a new first dimension."""
+        return torch.stack([fn(generator) for generator in self.generators]).to(self.device)
+
+
+def _encode(pipe, pixel_values: torch.Tensor, random: PerSampleRandom) -> torch.Tensor:
     """Clean samples x0 of the diffusion: scaled VAE latents (matching `PiscesPipeline.decode_latents`), or pixels."""
     if pipe.vae is None:
         return pixel_values
     latent_dist = pipe.vae.encode(pixel_values.to(pipe.vae.dtype)).latent_dist
-    return latent_dist.sample(generator) * pipe.vae.config.scaling_factor
+    eps = random.draw(lambda g: torch.randn(latent_dist.mean.shape[1:], generator=g)).to(latent_dist.mean.dtype)
+    return (latent_dist.mean + latent_dist.std * eps) * pipe.vae.config.scaling_factor
 
 
 def train_decoder(
@@ -143,37 +160,33 @@ def train_decoder(
     ema = EMAModel(accelerator.unwrap_model(decoder).parameters(), decay=ema_decay) if ema_decay else None
     if ema is not None:
         ema.to(device)
-    # Each process draws its own noise; seeding by process keeps a run reproducible.
-    generator = torch.Generator(device=device).manual_seed(seed + accelerator.process_index)
 
     losses, pending, step = [], [], 0
     epochs = math.ceil(max_steps * gradient_accumulation_steps / max(1, len(loader)))
     for epoch in range(epochs):
         for batch in loader:
             with accelerator.accumulate(decoder):
+                random = PerSampleRandom(batch["index"], epoch, seed, device)
                 with torch.no_grad():
                     embeds = model.model.get_gen_targets(batch["gen_pixel_values"].to(device, model.dtype))
-                    x0 = _encode(pipe, batch["pixel_values"].to(device), generator).float()
+                    x0 = _encode(pipe, batch["pixel_values"].to(device), random).float()
                 unwrapped = accelerator.unwrap_model(decoder)
                 embeds = embeds.to(unwrapped.dtype)
                 if condition_dropout > 0:
-                    keep = torch.rand(embeds.shape[0], 1, 1, device=device, generator=generator) >= condition_dropout
-                    embeds = embeds * keep
-                noise = torch.randn(x0.shape, device=device, generator=generator)
+                    keep = random.draw(lambda g: torch.rand((), generator=g)) >= condition_dropout
+                    embeds = embeds * keep.view(-1, 1, 1)
+                noise = random.draw(lambda g: torch.randn(x0.shape[1:], generator=g))
                 if flow:
-                    # Flow matching: x_t = (1 - sigma) x0 + sigma noise, and the decoder predicts the velocity.
-                    u = compute_density_for_timestep_sampling(
-                        "logit_normal", x0.shape[0], logit_mean=0.0, logit_std=1.0
-                    )
+                    # Flow matching: x_t = (1 - sigma) x0 + sigma noise, and the decoder predicts the velocity;
+                    # sigma is logit-normal (SD3's sampling).
+                    u = torch.sigmoid(random.draw(lambda g: torch.randn((), generator=g))).cpu()
                     indices = (u * num_train_timesteps).long().clamp(max=num_train_timesteps - 1)
                     timesteps = noise_scheduler.timesteps[indices].to(device)
                     sigmas = noise_scheduler.sigmas[indices].to(device, x0.dtype).view(-1, 1, 1, 1)
                     noisy = (1.0 - sigmas) * x0 + sigmas * noise
                     target = noise - x0
                 else:
-                    timesteps = torch.randint(
-                        0, num_train_timesteps, (x0.shape[0],), device=device, generator=generator
-                    )
+                    timesteps = random.draw(lambda g: torch.randint(0, num_train_timesteps, (), generator=g))
                     noisy = noise_scheduler.add_noise(x0, noise, timesteps)
                     if prediction_type == "epsilon":
                         target = noise
