@@ -195,7 +195,7 @@ def _load_rows(data: str, split: str):
     except ImportError as error:
         raise CommandError(
             f"{data} is not an image folder with a metadata.jsonl; to read it as a Hugging Face dataset, install "
-            "`datasets` (pip install datasets)"
+            "`datasets` (pip install 'pisces-hf[train]')"
         ) from error
     try:
         if folder.is_dir():
