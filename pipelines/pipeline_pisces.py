@@ -136,6 +136,15 @@ class PiscesPipeline(DiffusionPipeline):
         model_kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
         self.model.save_pretrained(save_directory, **model_kwargs)
         self.processor.save_pretrained(save_directory)
+        self.save_components(save_directory)
+
+    def save_components(self, save_directory: str | os.PathLike) -> None:
+        """
+        Writes what the pipeline adds to a model folder: `decoder/`, `vae/` (if any), `scheduler/` and
+        `model_index.json`. `save_pretrained` calls it after the model and the processor; a trainer that saved the
+        model its own way (e.g. gathered from FSDP shards) calls it to carry the decoder over.
+        """
+        save_directory = Path(save_directory)
         for name in SUBFOLDER_COMPONENTS:
             component = getattr(self, name)
             if component is not None:

@@ -294,14 +294,7 @@ def train(args) -> None:
         return
     (out / "training_args.bin").unlink(missing_ok=True)  # a pickle; the checkpoint folder holds safetensors only
     if pipe is not None:
-        # The decoder, the VAE and the scheduler did not train: carried over in the pipeline's layout.
-        from pisces.pipelines.pipeline_pisces import SUBFOLDER_COMPONENTS
-
-        for name in SUBFOLDER_COMPONENTS:
-            component = getattr(pipe, name)
-            if component is not None:
-                component.save_pretrained(out / name)
-        pipe.save_config(out)
+        pipe.save_components(out)  # the decoder, the VAE and the scheduler did not train: carried over
     last = next((log for log in reversed(trainer.state.log_history) if "loss" in log), {})
     losses = ", ".join(f"{key} {last[key]:.4f}" for key in ("loss", "lm_loss", "gen_loss") if key in last)
     print(f"trained {trainer.state.global_step} steps ({losses}); wrote the checkpoint to {out}")
@@ -333,13 +326,15 @@ def train_decoder(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from pisces.conversion import DECODER_PRESETS, PRESETS
+
     parser = argparse.ArgumentParser(prog="pisces", description="Pisces: unified image understanding and generation.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     convert = commands.add_parser("convert", help="build Pisces checkpoints")
     convert_kinds = convert.add_subparsers(dest="kind", required=True)
     random = convert_kinds.add_parser("random", help="a checkpoint with random weights (tests, smoke runs, sizing)")
-    random.add_argument("--preset", default="tiny", choices=["tiny", "pisces-8b"])
+    random.add_argument("--preset", default="tiny", choices=PRESETS)
     random.add_argument("--out", help="folder to write")
     random.add_argument("--seed", type=int, default=0)
     random.add_argument("--meta", action="store_true", help="print parameter counts and bf16 memory, allocate nothing")
@@ -354,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     decoder_source = assemble.add_mutually_exclusive_group()
     decoder_source.add_argument("--decoder", help="diffusers UNet2DConditionModel (folder, or a pipeline with unet/)")
     decoder_source.add_argument(
-        "--decoder-preset", choices=["tiny", "small", "sdxl"], help="a fresh decoder (default: small)"
+        "--decoder-preset", choices=list(DECODER_PRESETS), help="a fresh decoder (default: small)"
     )
     assemble.add_argument("--vae", help="diffusers AutoencoderKL; without it the decoder works in pixels")
     assemble.add_argument("--scheduler", help="diffusers scheduler folder (default: DDIM)")
