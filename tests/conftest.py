@@ -55,3 +55,24 @@ def understanding_batch(config, num_images=1, seed=0):
     side = config.vision_config.image_size
     pixel_values = torch.randn(num_images, 3, side, side, generator=generator)
     return {"input_ids": input_ids, "labels": labels, "pixel_values": pixel_values}
+
+
+def accelerate_launch_two_processes() -> list[str]:
+    """
+    The command prefix that runs `python -m pisces.training.cli ...` as 2 CPU processes (DDP over gloo). On a machine
+    without GPUs, `--cpu` starts one process; `--multi_gpu` with ACCELERATE_USE_CPU=1 (see `CPU_LAUNCH_ENV`) starts two.
+    """
+    import socket
+    import sys
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(port), "-m", "pisces.training.cli",
+    ]
+
+
+CPU_LAUNCH_ENV = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")

@@ -419,24 +419,15 @@ def test_lora_training_round_trips_and_merges(image_folder, processor, tiny_chec
 # ---- several processes ------------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def test_two_processes_match_one_process_with_the_same_global_batch(image_folder, tiny_checkpoint, tmp_path):
     """
     2 processes x batch 2 against 1 process x batch 2 x 2 accumulation steps: the same 4 samples per step, the same
     mean of two per-batch mean losses. Measured: identical losses and weights (max difference 0.0); the tolerance
     allows float reassociation in gloo's all-reduce on other CPUs.
     """
-    import os
     import subprocess
-    import sys
 
+    from conftest import CPU_LAUNCH_ENV, accelerate_launch_two_processes
     from safetensors.torch import load_file
 
     from pisces.training.cli import main
@@ -445,15 +436,9 @@ def test_two_processes_match_one_process_with_the_same_global_batch(image_folder
     one = train_argv(tiny_checkpoint, image_folder, tmp_path / "one", *common, "--grad-accum", "2")
     assert main(one) == 0
     two = train_argv(tiny_checkpoint, image_folder, tmp_path / "two", *common, "--grad-accum", "1")
-    # On a machine without GPUs, the torchrun launcher with ACCELERATE_USE_CPU gives DDP over gloo.
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    launch = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(free_port()),
-        "-m", "pisces.training.cli",
-    ]
-    result = subprocess.run(launch + two, env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        accelerate_launch_two_processes() + two, env=CPU_LAUNCH_ENV, capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(re.findall(r"trained 4 steps", result.stdout)) == 1  # only the main process writes the checkpoint
 

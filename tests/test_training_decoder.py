@@ -96,11 +96,10 @@ def test_two_processes_train_the_decoder_like_one_with_the_same_global_batch(ima
     and condition dropout from its own seeded generator, so both runs see the same numbers. Measured: equal losses and
     weights to float round-off; the tolerance allows gloo's all-reduce order.
     """
-    import os
     import re
     import subprocess
-    import sys
 
+    from conftest import CPU_LAUNCH_ENV, accelerate_launch_two_processes
     from safetensors.torch import load_file
 
     from pisces.training.cli import main
@@ -110,13 +109,10 @@ def test_two_processes_train_the_decoder_like_one_with_the_same_global_batch(ima
                 "--max-steps", "3", "--batch-size", "2", "--grad-accum", str(accumulation), "--logging-steps", "1"]
 
     assert main(argv(tmp_path / "one", 2)) == 0
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    launch = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(_free_port()), "-m", "pisces.training.cli",
-    ]
-    result = subprocess.run(launch + argv(tmp_path / "two", 1), env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        accelerate_launch_two_processes() + argv(tmp_path / "two", 1),
+        env=CPU_LAUNCH_ENV, capture_output=True, text=True, timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(re.findall(r"trained the decoder 3 steps", result.stdout)) == 1
 
@@ -126,10 +122,3 @@ def test_two_processes_train_the_decoder_like_one_with_the_same_global_batch(ima
     assert max((one[key] - original[key]).abs().max().item() for key in one) > 1e-4  # it trained
     assert max((one[key] - two[key]).abs().max().item() for key in one) < 1e-5
 
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
