@@ -164,8 +164,15 @@ class PiscesModel(PiscesPreTrainedModel):
     @torch.no_grad()
     def get_gen_targets(self, gen_pixel_values: torch.FloatTensor) -> torch.FloatTensor:
         """
-        Generation targets: the frozen generation encoder's patch features (class token dropped), average-pooled
-        `gen_pool_size x gen_pool_size` over the patch grid.
+        Generation targets: `get_gen_features` without gradients (the targets are constants; the generation encoder
+        is frozen while the LLM learns to regress them). `(num_images, num_gen_tokens, gen_hidden_size)`.
+        """
+        return self.get_gen_features(gen_pixel_values)
+
+    def get_gen_features(self, gen_pixel_values: torch.FloatTensor) -> torch.FloatTensor:
+        """
+        The generation encoder's patch features (class token dropped), average-pooled `gen_pool_size x gen_pool_size`
+        over the patch grid, with gradients (for training the encoder itself; see `get_gen_targets`).
 
         Args:
             gen_pixel_values (`torch.FloatTensor` of shape `(num_images, 3, height, width)`): from the gen image processor.

@@ -194,3 +194,14 @@ def test_processor_training_samples_run_through_the_model(tiny_model, tiny_proce
     understanding = tiny_processor(images=[red], text=[prompt], return_tensors="pt")
     logits = tiny_model(**understanding).logits
     assert logits.shape[:2] == understanding["input_ids"].shape
+
+
+def test_gen_features_carry_gradients_and_equal_the_targets(tiny_model):
+    pixels = torch.randn(2, 3, 32, 32)
+    features = tiny_model.model.get_gen_features(pixels)
+    assert features.requires_grad
+    features.square().mean().backward()
+    assert tiny_model.model.gen_vision_tower.embeddings.patch_embedding.weight.grad is not None
+    targets = tiny_model.get_gen_targets(pixels)
+    assert not targets.requires_grad
+    torch.testing.assert_close(targets, features.detach())
