@@ -44,7 +44,9 @@ DECODER_PRESETS = {
 }
 
 
-def build_decoder(preset: str, cross_attention_dim: int, in_channels: int = 4) -> UNet2DConditionModel:
+def build_decoder(
+    preset: str, cross_attention_dim: int, in_channels: int = 4, grid_conditioning: bool = False
+) -> UNet2DConditionModel:
     """
     A fresh `UNet2DConditionModel` of a preset (`"tiny"`, `"small"`, `"sdxl"`).
 
@@ -52,11 +54,13 @@ def build_decoder(preset: str, cross_attention_dim: int, in_channels: int = 4) -
         preset: the size, a key of `DECODER_PRESETS`.
         cross_attention_dim: the width of the generation vectors (the gen encoder's hidden size).
         in_channels: the VAE's latent channels, or 3 for a decoder in pixel space.
+        grid_conditioning: also take the vectors, laid out on their grid, as extra input channels (see
+            `pisces.pipelines.decoder_input`).
     """
     if preset not in DECODER_PRESETS:
         raise ValueError(f"Unknown decoder preset {preset!r}; choose one of {', '.join(DECODER_PRESETS)}.")
     return UNet2DConditionModel(
-        in_channels=in_channels,
+        in_channels=in_channels + (cross_attention_dim if grid_conditioning else 0),
         out_channels=in_channels,
         cross_attention_dim=cross_attention_dim,
         class_embed_type="projection",

@@ -34,7 +34,7 @@ from .modeling_pisces import (
     PiscesPreTrainedModel,
 )
 from pisces.processing import PiscesProcessor
-from pisces.pipelines import PiscesPipeline, PiscesTextToImagePipeline, decoder_conditioning
+from pisces.pipelines import PiscesPipeline, PiscesTextToImagePipeline, decoder_conditioning, decoder_input
 
 
 __version__ = "0.1.0"
@@ -62,4 +62,5 @@ __all__ = [
     "PiscesPipeline",
     "PiscesTextToImagePipeline",
     "decoder_conditioning",
+    "decoder_input",
 ]

@@ -1,7 +1,7 @@
 """Pisces pipelines: `PiscesPipeline` (diffusers) and the transformers `text-to-image` task."""
 
-from .pipeline_pisces import PiscesPipeline, decoder_conditioning
+from .pipeline_pisces import PiscesPipeline, decoder_conditioning, decoder_input
 from .text_to_image import PiscesTextToImagePipeline
 
 
-__all__ = ["PiscesPipeline", "PiscesTextToImagePipeline", "decoder_conditioning"]
+__all__ = ["PiscesPipeline", "PiscesTextToImagePipeline", "decoder_conditioning", "decoder_input"]

@@ -8,12 +8,14 @@ the processor at the root, where `AutoModel` and `AutoProcessor` find them, and 
 
 import inspect
 import json
+import math
 import os
 from pathlib import Path
 from typing import Callable
 
 import PIL.Image
 import torch
+import torch.nn.functional as F
 from diffusers import AutoencoderKL, DiffusionPipeline, ImagePipelineOutput, UNet2DConditionModel
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.schedulers import KarrasDiffusionSchedulers
@@ -44,6 +46,37 @@ def decoder_conditioning(decoder: UNet2DConditionModel, image_embeds: torch.Tens
     if decoder.config.class_embed_type == "projection":
         kwargs["class_labels"] = image_embeds.mean(dim=1)
     return kwargs
+
+
+def decoder_input(decoder: UNet2DConditionModel, latents: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
+    """
+    The decoder's `sample` input: the noisy latents, followed, for a grid-conditioned decoder, by the vectors laid out
+    on their square grid and upsampled (nearest) to the latents' size, the way diffusers' inpainting and upscaling
+    UNets take extra input channels. A decoder is grid-conditioned when its `in_channels` exceed its `out_channels` by
+    the vectors' width; this gives it each vector's place in the picture directly, which cross-attention alone has to
+    learn.
+
+    Args:
+        latents (`torch.Tensor` of shape `(batch_size, out_channels, height, width)`).
+        image_embeds (`torch.Tensor` of shape `(batch_size, num_gen_tokens, gen_hidden_size)`), num_gen_tokens square.
+
+    Returns:
+        `torch.Tensor` of shape `(batch_size, decoder.config.in_channels, height, width)`.
+    """
+    extra = decoder.config.in_channels - latents.shape[1]
+    if extra == 0:
+        return latents
+    batch_size, num_tokens, width = image_embeds.shape
+    side = math.isqrt(num_tokens)
+    if extra != width or side * side != num_tokens:
+        raise ValueError(
+            f"The decoder takes {decoder.config.in_channels} input channels for {latents.shape[1]} latent channels; "
+            f"a grid-conditioned decoder needs exactly the vectors' width ({width}) more, and a square number of "
+            f"vectors (got {num_tokens})."
+        )
+    grid = image_embeds.transpose(1, 2).reshape(batch_size, width, side, side)
+    grid = F.interpolate(grid.to(latents.dtype), size=latents.shape[-2:], mode="nearest")
+    return torch.cat([latents, grid], dim=1)
 
 
 def _check_component_folder(folder: Path, name: str, weights: bool) -> None:
@@ -416,7 +449,7 @@ class PiscesPipeline(DiffusionPipeline):
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
         latents = self.prepare_latents(
-            batch_size, self.decoder.config.in_channels, height, width, self.decoder.dtype, device, generator, latents
+            batch_size, self.decoder.config.out_channels, height, width, self.decoder.dtype, device, generator, latents
         )
         extra_step_kwargs = self.prepare_extra_step_kwargs(generator)
 
@@ -427,6 +460,7 @@ class PiscesPipeline(DiffusionPipeline):
                 latent_input = torch.cat([latents] * 2) if self.do_decoder_guidance else latents
                 if hasattr(self.scheduler, "scale_model_input"):  # absent from flow-matching schedulers
                     latent_input = self.scheduler.scale_model_input(latent_input, t)
+                latent_input = decoder_input(self.decoder, latent_input, conditioning)
                 noise_pred = self.decoder(latent_input, t, **decoder_kwargs, return_dict=False)[0]
                 if self.do_decoder_guidance:
                     noise_uncond, noise_cond = noise_pred.chunk(2)

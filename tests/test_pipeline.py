@@ -15,7 +15,8 @@ from diffusers import (
     UNet2DConditionModel,
 )
 
-from pisces import PiscesPipeline, decoder_conditioning
+from pisces import PiscesPipeline, decoder_conditioning, decoder_input
+from pisces.conversion.decoder_presets import build_decoder
 
 
 STEPS = 2
@@ -87,6 +88,39 @@ def test_decoder_gets_the_vectors_and_their_mean(pipe):
     kwargs = decoder_conditioning(pipe.decoder, embeds)
     assert kwargs["encoder_hidden_states"] is embeds
     torch.testing.assert_close(kwargs["class_labels"], embeds.mean(dim=1))
+
+
+def test_grid_conditioned_decoder_gets_each_vector_at_its_place(pipe):
+    decoder = build_decoder("tiny", 48, in_channels=4, grid_conditioning=True)
+    assert (decoder.config.in_channels, decoder.config.out_channels) == (52, 4)
+    latents, embeds = torch.randn(2, 4, 16, 16), torch.randn(2, 16, 48)
+    sample = decoder_input(decoder, latents, embeds)
+    assert sample.shape == (2, 52, 16, 16)
+    assert torch.equal(sample[:, :4], latents)
+    # Vector k of the row-major 4 x 4 grid fills the k-th 4 x 4 block of the 16 x 16 latents.
+    for k in (0, 5, 15):
+        row, col = divmod(k, 4)
+        block = sample[:, 4:, 4 * row : 4 * row + 4, 4 * col : 4 * col + 4]
+        assert torch.equal(block, embeds[:, k, :, None, None].expand(-1, -1, 4, 4))
+    # A decoder without extra channels gets the latents alone.
+    assert decoder_input(pipe.decoder, latents, embeds) is latents
+    with pytest.raises(ValueError, match="square number of vectors"):
+        decoder_input(decoder, latents, torch.randn(2, 15, 48))
+
+
+def test_pipeline_samples_with_a_grid_conditioned_decoder(pipe):
+    torch.manual_seed(0)
+    grid_pipe = PiscesPipeline(
+        model=pipe.model, processor=pipe.processor, vae=pipe.vae, scheduler=pipe.scheduler,
+        decoder=build_decoder("tiny", 48, in_channels=4, grid_conditioning=True),
+    )
+    grid_pipe.set_progress_bar_config(disable=True)
+    first = run(grid_pipe, prompt="a square", output_type="latent", decoder_guidance_scale=2.0)
+    assert first.shape == (1, 4, 16, 16) and torch.isfinite(first).all()
+    # The vectors reach the decoder through the grid: other vectors, another picture.
+    embeds = pipe.encode_prompt("a square", None, 1.0, "cpu")
+    other = run(grid_pipe, image_embeds=embeds + 1.0, output_type="latent", decoder_guidance_scale=2.0)
+    assert not torch.allclose(first, other)
 
 
 # ---- __call__ ----

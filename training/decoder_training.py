@@ -17,7 +17,7 @@ from diffusers import DDPMScheduler
 from diffusers.training_utils import EMAModel
 from transformers.utils import logging
 
-from pisces.pipelines import decoder_conditioning
+from pisces.pipelines import decoder_conditioning, decoder_input
 from pisces.processing.processing_pisces import to_rgb_image
 
 from .data import load_row_image
@@ -198,7 +198,7 @@ def train_decoder(
                         raise ValueError(f"Unsupported prediction_type {prediction_type!r} of the scheduler.")
                 with accelerator.autocast():
                     conditioning = decoder_conditioning(unwrapped, embeds)
-                    prediction = decoder(noisy, timesteps, **conditioning, return_dict=False)[0]
+                    prediction = decoder(decoder_input(unwrapped, noisy, embeds), timesteps, **conditioning, return_dict=False)[0]
                 loss = F.mse_loss(prediction.float(), target.float())
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
