@@ -19,14 +19,19 @@ from pisces.training.shape_eval import (
 )
 from pisces.training.shapes import (
     COLOURS,
+    DEFAULT_COLOURS,
+    GENERATION_SIZE,
+    LIST_CELLS,
     HELD_OUT_PAIRS,
     NUMBERS,
     SHAPES,
     SIZES,
     ShapeObject,
     detailed_caption,
+    generation_objects,
     is_held_out,
     render_objects,
+    sample_generation,
     sample_scene,
     short_caption,
 )
@@ -140,3 +145,39 @@ def test_pictures_that_are_not_of_the_world_show_no_objects():
     assert detect_objects(noise) == [] and detect_objects(field) == []
     prompt = shapeeval_prompts()[0]
     assert not score(prompt, detect_objects(field))
+
+
+# ---- generation data ----
+
+
+def test_generation_pairs_are_deterministic_and_a_prompt_fixes_its_picture():
+    assert sample_generation(3) == sample_generation(3)
+    pictures = {}
+    for seed in range(3000):
+        prompt, objects = sample_generation(seed)
+        assert pictures.setdefault(prompt, objects) == objects, prompt
+        assert all(obj.size == GENERATION_SIZE for obj in objects)
+    assert len(pictures) > 1000
+
+
+def test_generation_prompts_cover_shapeeval_and_never_name_held_out_pairs_in_training():
+    prompts = {sample_generation(seed)[0]: sample_generation(seed)[1] for seed in range(20000)}
+    for prompt in prompts:
+        for colour, shape in HELD_OUT_PAIRS:
+            assert f"{colour} {shape}" not in prompt
+    # Every ShapeEval prompt is a training prompt, and its picture passes ShapeEval.
+    for eval_prompt in shapeeval_prompts():
+        assert eval_prompt.prompt in prompts, eval_prompt.prompt
+        assert score(eval_prompt, detect_objects(render_objects(prompts[eval_prompt.prompt])))
+    held_out = {sample_generation(seed, "held_out")[0] for seed in range(3000)}
+    assert {p.prompt for p in held_out_prompts()} <= held_out
+
+
+def test_generation_pictures_follow_the_canonical_layout():
+    objects = generation_objects([(None, "circle"), ("green", "square")], "above")
+    assert [(o.colour, o.shape, o.row, o.col) for o in objects] == [
+        (DEFAULT_COLOURS["circle"], "circle", 0, 1), ("green", "square", 2, 1)
+    ]
+    assert [(o.row, o.col) for o in generation_objects([(None, "diamond")] * 3)] == list(LIST_CELLS[3])
+    with pytest.raises(ValueError):
+        generation_objects([(None, "circle")] * 5)

@@ -7,6 +7,12 @@ a size (small, large), in a cell of a 3 x 3 grid on a white 64 x 64 image. A sce
 
 Some colour-shape pairs never occur in the training split (`HELD_OUT_PAIRS`); the held-out split is made of scenes
 that contain at least one of them, so that accuracy there measures composition, not memory.
+
+Generation data is drawn differently (`sample_generation`): there, a prompt fixes its picture. Objects sit in fixed
+cells by their number and relation, a colour the prompt does not name is the shape's default colour, and every
+object is large. The reason is the model, not the world: Pisces regresses one sequence of vectors per prompt (MSE),
+so a prompt that allowed many pictures would be trained towards their average, a blur, not towards any one of them.
+(At full scale the diffusion decoder supplies the variety; here it is kept small.)
 """
 
 import random
@@ -213,6 +219,79 @@ def sample_scene(seed: int, split: str = "train") -> Scene:
     scene = Scene(objects=objects, layout=layout if layout != "single" else "list", caption_seed=rng.randrange(2**31))
     scene.qa = questions(scene)
     return scene
+
+
+# ---- generation data: a prompt fixes its picture ----
+
+# The colour of a shape whose prompt names none; no default is a held-out pair.
+DEFAULT_COLOURS = {"circle": "red", "square": "blue", "triangle": "green", "diamond": "orange"}
+GENERATION_SIZE = "large"
+# Cells by number of objects, and by relation (first object, second object). No two are adjacent, so objects drawn a
+# little large or blurred still come apart.
+LIST_CELLS = {1: ((1, 1),), 2: ((1, 0), (1, 2)), 3: ((0, 0), (1, 1), (2, 2)), 4: ((0, 0), (0, 2), (2, 0), (2, 2))}
+RELATION_CELLS = {
+    "above": ((0, 1), (2, 1)),
+    "below": ((2, 1), (0, 1)),
+    "left of": ((1, 0), (1, 2)),
+    "right of": ((1, 2), (1, 0)),
+}
+
+
+def _phrase(colour: str | None, shape: str) -> str:
+    words = ([colour] if colour else []) + [shape]
+    return f"{'an' if words[0][0] in 'aeiou' else 'a'} {' '.join(words)}"
+
+
+def generation_objects(named: list[tuple[str | None, str]], relation_word: str | None = None) -> list[ShapeObject]:
+    """
+    The picture of a prompt naming `named` objects, `(colour or None, shape)` each, in order: the canonical cells of
+    their number (`LIST_CELLS`) or of `relation_word` (`RELATION_CELLS`, two objects), default colours, large size.
+    """
+    if relation_word is not None and (relation_word not in RELATION_CELLS or len(named) != 2):
+        raise ValueError(f"A relation joins two objects, one of {', '.join(RELATION_CELLS)}; got {relation_word!r}.")
+    if relation_word is None and len(named) not in LIST_CELLS:
+        raise ValueError(f"A picture holds 1 to {max(LIST_CELLS)} objects, got {len(named)}.")
+    cells = RELATION_CELLS[relation_word] if relation_word else LIST_CELLS[len(named)]
+    return [
+        ShapeObject(shape, colour or DEFAULT_COLOURS[shape], GENERATION_SIZE, row, col)
+        for (colour, shape), (row, col) in zip(named, cells, strict=True)
+    ]
+
+
+def sample_generation(seed: int, split: str = "train") -> tuple[str, list[ShapeObject]]:
+    """
+    A text-to-image training pair of the seed: a prompt in ShapeEval's grammar ("a circle", "a red circle", "a circle
+    above a blue square", "a red circle and a green diamond", "three squares", "two purple triangles") and the objects
+    of its picture (`generation_objects`). `split="train"` never names a held-out colour-shape pair.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"Unknown split {split!r}; choose one of {', '.join(SPLITS)}.")
+    rng = random.Random(f"generation-{split}-{seed}")
+    pairs = [(c, s) for c in COLOURS for s in SHAPES if (split != "train" or (c, s) not in HELD_OUT_PAIRS)]
+
+    def named_object() -> tuple[str | None, str]:
+        colour, shape = rng.choice(pairs)
+        return (colour if rng.random() < 0.6 else None), shape
+
+    kind = rng.choices(["single", "relation", "list", "count"], weights=[2, 3, 3, 2])[0]
+    if kind == "count":
+        count = rng.randint(2, 4)
+        colour, shape = named_object()
+        prompt = f"{NUMBERS[count]} {colour + ' ' if colour else ''}{shape}s"
+        return prompt, generation_objects([(colour, shape)] * count)
+    if kind == "relation":
+        named, relation_word = [named_object(), named_object()], rng.choice(tuple(RELATION_CELLS))
+        return f"{_phrase(*named[0])} {relation_word} {_phrase(*named[1])}", generation_objects(named, relation_word)
+    count = 1 if kind == "single" else rng.randint(2, 4)
+    named = []
+    while len(named) < count:
+        candidate = named_object()
+        # Two objects a prompt cannot tell apart would make "a circle and a circle"; draw again.
+        if all(candidate[1] != shape or (candidate[0] and colour and candidate[0] != colour) for colour, shape in named):
+            named.append(candidate)
+    phrases = [_phrase(*item) for item in named]
+    prompt = phrases[0] if count == 1 else ", ".join(phrases[:-1]) + f" and {phrases[-1]}"
+    return prompt, generation_objects(named)
 
 
 def image_array(image: Image.Image) -> np.ndarray:
