@@ -52,13 +52,41 @@ TINY_GEN_VISION = {
 PRESETS = ("tiny", "pisces-8b")
 
 
-def _token_ids(tokenizer) -> dict:
-    return {
-        "image_token_id": tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-        "boi_token_id": tokenizer.convert_tokens_to_ids(BOI_TOKEN),
-        "eoi_token_id": tokenizer.convert_tokens_to_ids(EOI_TOKEN),
-        "gen_token_id": tokenizer.convert_tokens_to_ids(GEN_TOKEN),
-    }
+def config_for_tokenizer(
+    tokenizer, text_config: dict, vision_config: dict, gen_vision_config: dict, **kwargs
+) -> PiscesConfig:
+    """
+    A `PiscesConfig` of the given component configs (dicts with a `model_type`) whose vocabulary, special tokens and
+    Pisces token ids come from `tokenizer` (one of `build_tokenizer`'s). `kwargs` go to `PiscesConfig`.
+    """
+    text_config = dict(
+        text_config,
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|eot_id|>"),
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return PiscesConfig(
+        text_config=text_config,
+        vision_config=vision_config,
+        gen_vision_config=gen_vision_config,
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        boi_token_id=tokenizer.convert_tokens_to_ids(BOI_TOKEN),
+        eoi_token_id=tokenizer.convert_tokens_to_ids(EOI_TOKEN),
+        gen_token_id=tokenizer.convert_tokens_to_ids(GEN_TOKEN),
+        **kwargs,
+    )
+
+
+def text_generation_config(config: PiscesConfig, tokenizer) -> GenerationConfig:
+    """The model's text `GenerationConfig`: the tokenizer's ids, and the image placeholders suppressed."""
+    return GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=config.text_config.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        # Text generation must not emit the image placeholders.
+        suppress_tokens=[config.image_token_id, config.gen_token_id],
+    )
 
 
 def preset_config(preset: str, tokenizer=None) -> PiscesConfig:
@@ -70,20 +98,7 @@ def preset_config(preset: str, tokenizer=None) -> PiscesConfig:
         return PiscesConfig()
     if preset == "tiny":
         tokenizer = tokenizer if tokenizer is not None else build_tokenizer()
-        text_config = dict(
-            TINY_TEXT,
-            vocab_size=len(tokenizer),
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.convert_tokens_to_ids("<|eot_id|>"),
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        return PiscesConfig(
-            text_config=text_config,
-            vision_config=TINY_VISION,
-            gen_vision_config=TINY_GEN_VISION,
-            gen_pool_size=2,
-            **_token_ids(tokenizer),
-        )
+        return config_for_tokenizer(tokenizer, TINY_TEXT, TINY_VISION, TINY_GEN_VISION, gen_pool_size=2)
     raise ValueError(f"Unknown preset {preset!r}; choose one of {', '.join(PRESETS)}.")
 
 
@@ -127,13 +142,7 @@ def build_random_checkpoint(out_dir: str | Path, preset: str = "tiny", seed: int
 
     torch.manual_seed(seed)
     model = PiscesForConditionalGeneration(config)
-    model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=config.text_config.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        # Text generation must not emit the image placeholders.
-        suppress_tokens=[config.image_token_id, config.gen_token_id],
-    )
+    model.generation_config = text_generation_config(config, tokenizer)
     vae = build_tiny_vae()
     decoder = build_decoder("tiny", config.gen_vision_config.hidden_size, in_channels=vae.config.latent_channels)
     pipeline = PiscesPipeline(model=model, processor=processor, decoder=decoder, scheduler=build_scheduler(), vae=vae)
