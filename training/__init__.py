@@ -1,4 +1,5 @@
-"""Training Pisces: data and collator, stage presets, the Trainer, decoder training, and the `pisces` command.
+"""Training Pisces: data and collator, stage presets, the Trainer, decoder training, the reference model, and the
+`pisces` command.
 
 Names load on first use, so that `pisces --help` (which imports this package) pays for no training module.
 """
@@ -17,6 +18,8 @@ _EXPORTS = {
     "build_trainer": "trainer",
     "train_decoder": "decoder_training",
     "reconstruction_error": "decoder_training",
+    "reference_model_path": "reference",
+    "train_reference": "reference",
 }
 
 

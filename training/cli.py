@@ -21,6 +21,18 @@ def _require_at_least_one(args, *options: str) -> None:
             raise CommandError(f"{option} must be at least 1, got {value}")
 
 
+def _model_folder(model: str | None) -> str:
+    """The `--model` folder, or the reference model that ships inside the package when `--model` is not given."""
+    if model is not None:
+        return model
+    from pisces.training.reference import reference_model_path
+
+    try:
+        return str(reference_model_path())
+    except FileNotFoundError as error:
+        raise CommandError(f"no --model given: {error}") from error
+
+
 def _load_checkpoint(path: str):
     import pisces  # noqa: F401  (registers the Auto classes)
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
@@ -113,7 +125,7 @@ def generate(args) -> None:
     if args.guidance is not None and args.guidance < 1:
         raise CommandError(f"--guidance must be at least 1 (1 turns guidance off), got {args.guidance}")
 
-    pipe = _load_pipeline(args.model)
+    pipe = _load_pipeline(_model_folder(args.model))
     pipe.set_progress_bar_config(disable=not sys.stderr.isatty())
     generator = torch.Generator().manual_seed(args.seed)
     try:
@@ -139,7 +151,7 @@ def eval_shapes(args) -> None:
     from pisces.training.shape_eval import CATEGORIES, evaluate_generation, evaluate_understanding
 
     _require_at_least_one(args, "--images-per-prompt", "--num-scenes", "--steps")
-    pipe = _load_pipeline(args.model)
+    pipe = _load_pipeline(_model_folder(args.model))
     pipe.set_progress_bar_config(disable=True)
     result = evaluate_generation(pipe, images_per_prompt=args.images_per_prompt, num_inference_steps=args.steps)
     result.update(evaluate_understanding(pipe.model, pipe.processor, num_scenes=args.num_scenes))
@@ -170,7 +182,7 @@ def describe(args) -> None:
         raise CommandError(f"cannot read {args.image} as an image: {error}") from error
     _require_at_least_one(args, "--max-new-tokens")
 
-    model, processor = _load_checkpoint(args.model)
+    model, processor = _load_checkpoint(_model_folder(args.model))
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": args.prompt}]}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
     inputs = processor(images=[image], text=[text], return_tensors="pt")
@@ -325,6 +337,20 @@ def train_decoder(args) -> None:
               f"wrote the checkpoint to {args.out}")
 
 
+def train_reference(args) -> None:
+    from pisces.training import reference
+
+    try:
+        out = reference.train_reference(Path(args.out), seed=args.seed, recipe=args.recipe)
+    except (FileExistsError, ValueError) as error:
+        raise CommandError(str(error)) from error
+    print(f"wrote the reference model ({args.recipe}, seed {args.seed}) to {out}")
+
+
+REFERENCE_RECIPES = ("joint", "generation-only")
+MODEL_HELP = "a Pisces checkpoint folder (default: the reference model shipped with pisces-hf)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     from pisces.conversion import DECODER_PRESETS, PRESETS
 
@@ -362,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate_cmd = commands.add_parser("generate", help="draw a picture from a prompt")
     generate_cmd.add_argument("prompt")
     generate_cmd.add_argument("-o", "--output", default="out.png", help="PNG file; several images get -0, -1, ...")
-    generate_cmd.add_argument("--model", required=True, help="a Pisces checkpoint folder")
+    generate_cmd.add_argument("--model", help=MODEL_HELP)
     generate_cmd.add_argument("--seed", type=int, default=0)
     generate_cmd.add_argument("--steps", type=int, default=25, help="denoising steps")
     generate_cmd.add_argument("--guidance", type=float, default=None, help="guidance on the LLM's vectors")
@@ -372,7 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("eval", help="benchmarks")
     eval_kinds = evaluate.add_subparsers(dest="benchmark", required=True)
     shapes = eval_kinds.add_parser("shapes", help="ShapeEval (generation) and question answering on the shapes world")
-    shapes.add_argument("--model", required=True, help="a Pisces checkpoint folder")
+    shapes.add_argument("--model", help=MODEL_HELP)
     shapes.add_argument("--json", help="write the scores to this JSON file")
     shapes.add_argument("--images-per-prompt", type=int, default=4)
     shapes.add_argument("--num-scenes", type=int, default=50, help="held-out scenes for question answering")
@@ -382,13 +408,17 @@ def build_parser() -> argparse.ArgumentParser:
     describe_cmd = commands.add_parser("describe", help="answer a question about an image")
     describe_cmd.add_argument("image")
     describe_cmd.add_argument("--prompt", default="Describe the image.")
-    describe_cmd.add_argument("--model", required=True, help="a Pisces checkpoint folder")
+    describe_cmd.add_argument("--model", help=MODEL_HELP)
     describe_cmd.add_argument("--max-new-tokens", type=int, default=32)
     describe_cmd.set_defaults(run=describe)
     train_cmd = commands.add_parser(
-        "train", help="train the LLM side (stage presets, LoRA) with the transformers Trainer",
+        "train",
+        help="train the LLM side (stage presets, LoRA) with the transformers Trainer; `pisces train reference` trains "
+        "the reference model",
         description="Trains with transformers.Trainer; Trainer arguments after `--` pass through "
-        "(e.g. `-- --warmup_steps 100 --lr_scheduler_type cosine`). Runs unchanged under `accelerate launch`.",
+        "(e.g. `-- --warmup_steps 100 --lr_scheduler_type cosine`). Runs unchanged under `accelerate launch`. "
+        "`pisces train reference --out DIR` trains the reference model from nothing instead "
+        "(see `pisces train reference --help`).",
     )
     train_cmd.add_argument("--model", required=True, help="a Pisces checkpoint folder")
     train_cmd.add_argument("--data", required=True, help="an image folder (metadata.jsonl) or a datasets name/folder")
@@ -439,9 +469,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def build_reference_parser() -> argparse.ArgumentParser:
+    """
+    `pisces train reference`: parsed on its own (see `main`), because `pisces train` takes free Trainer arguments
+    (`trainer_args`) and its own required options, which a nested sub-command could not share cleanly.
+    """
+    parser = argparse.ArgumentParser(
+        prog="pisces train reference",
+        description="Trains the reference model (the small Pisces shipped with the package) from nothing, on the "
+        "shapes world, into --out.",
+    )
+    parser.add_argument(
+        "--out", required=True, help="output folder: new or empty, or holding a partial run of the same recipe"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--recipe", default="joint", choices=REFERENCE_RECIPES)
+    parser.set_defaults(run=train_reference)
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:2] == ["train", "reference"]:
+        args = build_reference_parser().parse_args(argv[2:])
+    else:
+        args = build_parser().parse_args(argv)
     try:
         args.run(args)
     except CommandError as error:
