@@ -1,0 +1,580 @@
+"""The reference model: a small Pisces trained here, from nothing, on the shapes world (`pisces.training.shapes`).
+
+Every part is trained by this recipe, with the package's own code, in one deterministic run on a CPU:
+
+| part | what trains | objective |
+| --- | --- | --- |
+| tokenizer | byte-level BPE (`build_tokenizer`) | on the world's captions, prompts, questions and answers |
+| `gen_encoder` | the generation encoder (CLIP vision) | autoencoding: a small convolutional head (discarded) redraws the picture from the 16 pooled vectors |
+| `und_encoder` | the understanding encoder (SigLIP vision) | the same autoencoding, from its 16 patch features |
+| `vae` | `AutoencoderKL`, 64 px <-> 4 x 16 x 16 | reconstruction + a small KL term |
+| `decoder` | `UNet2DConditionModel` on the VAE latents | `train_decoder`: x0-prediction, conditioned on the gen encoder's vectors |
+| `stage1` .. `stage3` | the LLM, projectors and heads (encoders frozen) | the paper's stages through `PiscesTrainer` |
+
+The paper's gen-CLIP is trained contrastively with an MAE term; here the generation encoder is trained to
+autoencode instead (MAE's reconstruction without the masking): in a world of flat shapes, what the vectors must carry
+is exactly what the picture shows, and a reconstruction objective says so most directly. The LLM stages follow the
+paper: (1) short captions in both directions, (2) detailed captions, (3) instructions (question answering) mixed with
+generation. The `generation-only` recipe trains the same LLM steps on generation alone, for the synergy comparison.
+
+`train_reference(out_dir)` writes each finished part to `<out_dir>.partial/` as a complete pipeline folder and
+starts from the last one when run again, so an interrupted run resumes; the finished model goes to `out_dir` with
+`reference_training.json` (times, losses and scores), and the `.partial` folder is removed.
+"""
+
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import TrainerCallback
+
+
+REFERENCE_CHECKPOINT = Path(__file__).parent / "reference_checkpoint"
+RECIPES = ("joint", "generation-only")
+TRAINING_LOG = "reference_training.json"
+
+# ---- the architecture ----
+
+TEXT = {
+    "model_type": "llama",
+    "hidden_size": 256,
+    "intermediate_size": 768,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 256,
+}
+# 64 px, 16 px patches: 16 understanding tokens.
+UND_VISION = {
+    "model_type": "siglip_vision_model",
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "image_size": 64,
+    "patch_size": 16,
+    "vision_use_head": False,
+}
+# 64 px, 8 px patches pooled 2 x 2: 16 generation vectors of width 96, one per 16 x 16 pixel block.
+GEN_VISION = {
+    "model_type": "clip_vision_model",
+    "hidden_size": 96,
+    "intermediate_size": 192,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "image_size": 64,
+    "patch_size": 8,
+}
+GEN_POOL_SIZE = 2
+VOCAB_SIZE = 512
+VAE = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ("DownEncoderBlock2D",) * 3,
+    "up_block_types": ("UpDecoderBlock2D",) * 3,
+    "block_out_channels": (16, 32, 64),
+    "layers_per_block": 1,
+    "latent_channels": 4,
+    "norm_num_groups": 8,
+    "sample_size": 64,
+}
+# Grid-conditioned (see `pisces.pipelines.decoder_input`), plus cross-attention and the pooled class embedding.
+DECODER = {
+    "sample_size": 16,
+    "block_out_channels": (32, 64),
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+    "layers_per_block": 1,
+    "attention_head_dim": 16,
+    "norm_num_groups": 16,
+}
+
+
+@dataclass(frozen=True)
+class LLMStage:
+    """One of the paper's stages: its steps, peak learning rate, and the understanding tasks of its data."""
+
+    name: str
+    steps: int
+    learning_rate: float
+    # Understanding tasks and their weights; generation samples make up `generation_share` of the data.
+    tasks: tuple[tuple[str, float], ...]
+    generation_share: float = 0.5
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Steps (and batch sizes) of every part; `REFERENCE_BUDGET` is the shipped model's."""
+
+    gen_encoder_steps: int = 1200
+    und_encoder_steps: int = 800
+    encoder_batch_size: int = 32
+    vae_steps: int = 600
+    vae_batch_size: int = 16
+    decoder_steps: int = 1200
+    decoder_batch_size: int = 32
+    llm_batch_size: int = 32
+    stages: tuple[LLMStage, ...] = (
+        LLMStage("stage1", 500, 1e-3, (("brief", 1.0),)),
+        LLMStage("stage2", 500, 5e-4, (("detailed", 1.0),)),
+        LLMStage("stage3", 1000, 3e-4, (("question", 0.7), ("brief", 0.1), ("detailed", 0.2))),
+    )
+
+
+REFERENCE_BUDGET = Budget()
+
+
+def reference_model_path() -> Path:
+    """
+    The folder of the reference model that ships inside the package (a complete `PiscesPipeline` checkpoint: every
+    entry point of DESIGN.md section 3 loads it). Raises `FileNotFoundError` if the install lacks it.
+    """
+    if not (REFERENCE_CHECKPOINT / "model_index.json").is_file():
+        raise FileNotFoundError(
+            f"The reference model is missing from this install ({REFERENCE_CHECKPOINT}). Reinstall pisces-hf, or "
+            "train it with `pisces train reference --out DIR` and pass `--model DIR`."
+        )
+    return REFERENCE_CHECKPOINT
+
+
+# ---- the world's data ----
+
+
+def _scene_image(index: int, seed: int):
+    """Training pictures for the encoders, the VAE and the decoder: half free scenes, half generation pictures."""
+    from .shapes import render_objects, sample_generation, sample_scene
+
+    if index % 2 == 0:
+        return sample_scene(seed * 10_000_019 + index).render()
+    return render_objects(sample_generation(seed * 10_000_019 + index)[1])
+
+
+def _pixels(images) -> torch.Tensor:
+    """(n, 3, 64, 64) in [-1, 1]: the autoencoders' targets."""
+    array = np.stack([np.asarray(image, dtype=np.float32) for image in images])
+    return torch.from_numpy(array).permute(0, 3, 1, 2) / 127.5 - 1.0
+
+
+def _foreground_weight(pixels: torch.Tensor) -> torch.Tensor:
+    """10 on object pixels, 1 on the white background: objects are a small share of a picture, and all that matters."""
+    return 1.0 + 9.0 * (pixels < 0.99).any(dim=1, keepdim=True).float()
+
+
+def corpus(num_scenes: int = 3000) -> list[str]:
+    """The tokenizer's training text: the world's prompts, captions, questions and answers."""
+    from .shapes import (
+        BRIEF_CAPTION_QUESTION,
+        DETAILED_CAPTION_QUESTION,
+        detailed_caption,
+        sample_generation,
+        sample_scene,
+        short_caption,
+    )
+
+    texts = [BRIEF_CAPTION_QUESTION, DETAILED_CAPTION_QUESTION]
+    for seed in range(num_scenes):
+        scene = sample_scene(seed)
+        texts += [short_caption(scene), detailed_caption(scene), sample_generation(seed)[0]]
+        texts += [f"{question} {answer}" for question, answer in scene.qa]
+    return texts
+
+
+class ShapesRows(torch.utils.data.Dataset):
+    """
+    `length` rows for `PiscesTrainingDataset`, made on the fly from their index: generation rows `{"image", "text"}`
+    (a prompt and its picture) or understanding rows `{"image", "question", "answer"}` of a free scene, the question
+    drawn from `tasks` ("brief" and "detailed" captions, or a "question" about colour, count, shape or position).
+    """
+
+    def __init__(self, length: int, kind: str, tasks=(), seed: int = 0):
+        self.length, self.kind, self.seed = length, kind, seed
+        self.task_names = [name for name, _ in tasks]
+        self.task_weights = [weight for _, weight in tasks]
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict:
+        from .shapes import (
+            BRIEF_CAPTION_QUESTION,
+            DETAILED_CAPTION_QUESTION,
+            detailed_caption,
+            render_objects,
+            sample_generation,
+            sample_scene,
+            short_caption,
+        )
+
+        world_seed = self.seed * 10_000_019 + index
+        if self.kind == "generation":
+            prompt, objects = sample_generation(world_seed)
+            return {"image": render_objects(objects), "text": prompt}
+        rng = random.Random(f"rows-{self.seed}-{index}")
+        scene = sample_scene(world_seed)
+        task = rng.choices(self.task_names, self.task_weights)[0]
+        if task == "brief":
+            question, answer = BRIEF_CAPTION_QUESTION, short_caption(scene)
+        elif task == "detailed":
+            # `pisces describe`'s default instruction asks for the detailed caption too.
+            question = rng.choice([DETAILED_CAPTION_QUESTION, "Describe the image."])
+            answer = detailed_caption(scene)
+        else:
+            question, answer = rng.choice(scene.qa)
+        return {"image": scene.render(), "question": question, "answer": answer}
+
+
+# ---- the parts ----
+
+
+class GridImageHead(nn.Module):
+    """
+    The autoencoding head of the encoders' pretraining: a 4 x 4 grid of vectors -> a 64 x 64 picture, by four
+    (transposed convolution, norm, conv) upsamplings. Discarded after pretraining.
+    """
+
+    def __init__(self, width: int, channels=(128, 96, 64, 32, 32)):
+        super().__init__()
+        layers = [nn.Conv2d(width, channels[0], 1)]
+        for in_channels, out_channels in zip(channels[:-1], channels[1:]):
+            layers += [
+                nn.ConvTranspose2d(in_channels, out_channels, 4, stride=2, padding=1),
+                nn.GroupNorm(8, out_channels),
+                nn.SiLU(),
+                nn.Conv2d(out_channels, out_channels, 3, padding=1),
+            ]
+        layers += [nn.SiLU(), nn.Conv2d(channels[-1], 3, 3, padding=1)]
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens `(batch, 16, width)` row-major -> pixels `(batch, 3, 64, 64)`."""
+        batch, count, width = tokens.shape
+        side = math.isqrt(count)
+        return self.layers(tokens.transpose(1, 2).reshape(batch, width, side, side))
+
+
+def _warmup_cosine(optimizer, steps: int, warmup: int):
+    def factor(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def pretrain_encoder(encoder_features, encoder: nn.Module, image_processor, width: int, steps: int, batch_size: int,
+                     seed: int, log) -> list[float]:
+    """
+    Trains `encoder` to autoencode the world's pictures: `encoder_features(pixel_values)` (a 4 x 4 grid of vectors)
+    through a `GridImageHead` back to the picture, with a foreground-weighted MSE. Returns the losses.
+    """
+    torch.manual_seed(seed)
+    head = GridImageHead(width)
+    parameters = list(encoder.parameters()) + list(head.parameters())
+    encoder.train().requires_grad_(True)
+    optimizer = torch.optim.AdamW(parameters, lr=5e-4, weight_decay=0.01)
+    scheduler = _warmup_cosine(optimizer, steps, 100)
+    losses = []
+    for step in range(steps):
+        images = [_scene_image(step * batch_size + i, seed) for i in range(batch_size)]
+        inputs = image_processor(images, return_tensors="pt")["pixel_values"]
+        target = _pixels(images)
+        output = head(encoder_features(inputs))
+        loss = (_foreground_weight(target) * (output - target) ** 2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        scheduler.step()
+        losses.append(loss.item())
+        if (step + 1) % 100 == 0:
+            log(f"  step {step + 1}/{steps}: loss {np.mean(losses[-100:]):.4f}")
+    encoder.eval().requires_grad_(False)
+    return losses
+
+
+def train_vae(vae, budget: Budget, seed: int, log) -> list[float]:
+    """Trains the VAE (foreground-weighted reconstruction + 1e-6 KL), then sets its `scaling_factor` to 1 / latent std."""
+    torch.manual_seed(seed)
+    vae.train()
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    scheduler = _warmup_cosine(optimizer, budget.vae_steps, 50)
+    generator = torch.Generator().manual_seed(seed)
+    losses = []
+    for step in range(budget.vae_steps):
+        target = _pixels([_scene_image(step * budget.vae_batch_size + i, seed) for i in range(budget.vae_batch_size)])
+        posterior = vae.encode(target).latent_dist
+        output = vae.decode(posterior.sample(generator)).sample
+        loss = (_foreground_weight(target) * (output - target) ** 2).mean() + 1e-6 * posterior.kl().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        losses.append(loss.item())
+        if (step + 1) % 100 == 0:
+            log(f"  step {step + 1}/{budget.vae_steps}: loss {np.mean(losses[-100:]):.4f}")
+    vae.eval().requires_grad_(False)
+    with torch.no_grad():
+        latents = vae.encode(_pixels([_scene_image(10**6 + i, seed) for i in range(256)])).latent_dist.mean
+    vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+    return losses
+
+
+# ---- the recipe ----
+
+
+def _new_pipeline(seed: int):
+    """The untrained reference pipeline: the tokenizer trained on the world's text, and every part at random."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+
+    from pisces import PiscesForConditionalGeneration
+    from pisces.conversion.random_checkpoint import build_processor, config_for_tokenizer, text_generation_config
+    from pisces.conversion.tokenizer import build_tokenizer
+    from pisces.pipelines import PiscesPipeline
+
+    tokenizer = build_tokenizer(VOCAB_SIZE, corpus())
+    config = config_for_tokenizer(tokenizer, TEXT, UND_VISION, GEN_VISION, gen_pool_size=GEN_POOL_SIZE)
+    processor = build_processor(config, tokenizer)
+    config.unconditional_input_ids = processor.unconditional_input_ids
+    torch.manual_seed(seed)
+    model = PiscesForConditionalGeneration(config).eval()
+    model.generation_config = text_generation_config(config, tokenizer)
+    vae = AutoencoderKL(**VAE)
+    width = GEN_VISION["hidden_size"]
+    decoder = UNet2DConditionModel(
+        in_channels=VAE["latent_channels"] + width,
+        out_channels=VAE["latent_channels"],
+        cross_attention_dim=width,
+        class_embed_type="projection",
+        projection_class_embeddings_input_dim=width,
+        **DECODER,
+    )
+    # x0-prediction: the vectors almost fix the picture, so the decoder mostly has to draw it, not to denoise.
+    scheduler = DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="squaredcos_cap_v2",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        prediction_type="sample",
+    )
+    return PiscesPipeline(model=model, processor=processor, decoder=decoder, scheduler=scheduler, vae=vae)
+
+
+def _train_llm_stage(pipe, stage: LLMStage, recipe: str, budget: Budget, seed: int, work_dir: Path, log) -> list[dict]:
+    """One LLM stage with `PiscesTrainer`: language model, projectors and heads train; the encoders stay frozen."""
+    from transformers import TrainingArguments
+
+    from .data import PiscesCollator, PiscesTrainingDataset
+    from .stages import apply_stage
+    from .trainer import PiscesTrainer
+
+    rows = stage.steps * budget.llm_batch_size
+    generation_rows = rows if recipe == "generation-only" else round(rows * stage.generation_share)
+    datasets = [
+        PiscesTrainingDataset(ShapesRows(generation_rows, "generation", seed=seed), generation_ratio=1.0, seed=seed)
+    ]
+    if generation_rows < rows:
+        understanding = ShapesRows(rows - generation_rows, "understanding", stage.tasks, seed=seed + 1)
+        datasets.append(PiscesTrainingDataset(understanding, generation_ratio=0.0, seed=seed))
+    model = pipe.model
+    apply_stage(model, "pretrain")
+    args = TrainingArguments(
+        output_dir=str(work_dir / f"trainer-{stage.name}"),
+        max_steps=stage.steps,
+        per_device_train_batch_size=budget.llm_batch_size,
+        learning_rate=stage.learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=min(100, stage.steps // 10),
+        weight_decay=0.01,
+        max_grad_norm=1.0,
+        logging_steps=50,
+        save_strategy="no",
+        report_to=[],
+        seed=seed,
+        data_seed=seed,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+    trainer = PiscesTrainer(
+        model=model,
+        args=args,
+        train_dataset=torch.utils.data.ConcatDataset(datasets),
+        data_collator=PiscesCollator(pipe.processor),
+    )
+    trainer.add_callback(_LogCallback(log, stage.name))
+    trainer.train()
+    model.eval().requires_grad_(False)
+    return [entry for entry in trainer.state.log_history if "loss" in entry]
+
+
+class _LogCallback(TrainerCallback):
+    """Prints the Trainer's training logs through `log`."""
+
+    def __init__(self, log, name: str):
+        self.log, self.name = log, name
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            parts = [f"{key} {logs[key]:.4f}" for key in ("loss", "lm_loss", "gen_loss") if key in logs]
+            self.log(f"  {self.name} step {state.global_step}: " + ", ".join(parts))
+
+
+def _parts(budget: Budget) -> list[str]:
+    return ["gen_encoder", "und_encoder", "vae", "decoder"] + [stage.name for stage in budget.stages]
+
+
+def _run_part(pipe, part: str, recipe: str, budget: Budget, seed: int, work_dir: Path, log):
+    """Trains one part in place and returns what to record of it (losses)."""
+    model = pipe.model
+    part_seed = seed * 1000 + _parts(budget).index(part)
+    if part == "gen_encoder":
+        tower = model.model.gen_vision_tower
+        losses = pretrain_encoder(
+            model.model.get_gen_features, tower, pipe.processor.gen_image_processor, GEN_VISION["hidden_size"],
+            budget.gen_encoder_steps, budget.encoder_batch_size, part_seed, log,
+        )
+        # The LLM regresses these vectors; weight its MSE by their spread so that it is measured in their units.
+        with torch.no_grad():
+            images = [_scene_image(10**6 + i, seed) for i in range(256)]
+            targets = model.model.get_gen_targets(pipe.processor.gen_image_processor(images, return_tensors="pt")["pixel_values"])
+        model.config.gen_loss_weight = round(float(1.0 / targets.var()), 4)
+        return {"losses": losses[::50], "gen_loss_weight": model.config.gen_loss_weight}
+    if part == "und_encoder":
+        tower = model.model.vision_tower
+        layer = model.config.vision_feature_layer
+
+        def features(pixel_values):
+            return tower(pixel_values, output_hidden_states=True).hidden_states[layer]
+
+        losses = pretrain_encoder(
+            features, tower, pipe.processor.image_processor, UND_VISION["hidden_size"], budget.und_encoder_steps,
+            budget.encoder_batch_size, part_seed, log,
+        )
+        return {"losses": losses[::50]}
+    if part == "vae":
+        return {"losses": train_vae(pipe.vae, budget, part_seed, log)[::50]}
+    if part == "decoder":
+        from .decoder_training import train_decoder
+
+        rows = _ImageRows(budget.decoder_steps * budget.decoder_batch_size, part_seed)
+        losses = train_decoder(
+            pipe, rows, max_steps=budget.decoder_steps, batch_size=budget.decoder_batch_size, learning_rate=1e-3,
+            condition_dropout=0.1, seed=part_seed, logging_steps=100,
+        )
+        return {"losses": losses[::50]}
+    stage = next(stage for stage in budget.stages if stage.name == part)
+    return {"log": _train_llm_stage(pipe, stage, recipe, budget, part_seed, work_dir, log)}
+
+
+class _ImageRows(torch.utils.data.Dataset):
+    """Image rows `{"image"}` of the world's pictures, made from their index (the decoder's data)."""
+
+    def __init__(self, length: int, seed: int):
+        self.length, self.seed = length, seed
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict:
+        return {"image": _scene_image(index, self.seed)}
+
+
+def evaluate_reference(pipe, images_per_prompt: int = 4, num_scenes: int = 50, log=print) -> dict:
+    """ShapeEval and question answering of a pipeline, as `pisces eval shapes` prints them."""
+    from .shape_eval import evaluate_generation, evaluate_understanding
+
+    pipe.set_progress_bar_config(disable=True)
+    result = evaluate_generation(pipe, images_per_prompt=images_per_prompt)
+    result.update(evaluate_understanding(pipe.model, pipe.processor, num_scenes=num_scenes))
+    log(
+        f"  ShapeEval overall {result['overall']:.3f} "
+        + " ".join(f"{name} {value:.2f}" for name, value in result["categories"].items())
+        + f"; held-out {result['held_out']:.2f}; VQA {result['vqa_accuracy']:.3f}; captions {result['caption_accuracy']:.3f}"
+    )
+    return result
+
+
+def train_reference(
+    out_dir,
+    seed: int = 0,
+    recipe: str = "joint",
+    budget: Budget = REFERENCE_BUDGET,
+    components_from=None,
+    evaluate: bool = True,
+    keep_work: bool = False,
+    log=print,
+) -> Path:
+    """
+    Trains the reference model from nothing into `out_dir` (see the module docstring for the recipe).
+
+    Args:
+        out_dir: the folder of the finished checkpoint; must not exist yet or be empty. Work goes to
+            `<out_dir>.partial/`, from which a run that was interrupted resumes at its last finished part.
+        seed: seeds everything; the same seed on the same machine gives the same weights.
+        recipe: `"joint"` (the paper's) or `"generation-only"` (the LLM stages see generation data only).
+        budget: steps per part (`REFERENCE_BUDGET`).
+        components_from: a pipeline folder whose encoders, VAE and decoder to take instead of training them (for
+            comparing recipes on the same components); the LLM stages then start from its LLM, which must be
+            untrained (a `<out>.partial/4-decoder` folder of another run).
+        evaluate: run ShapeEval and question answering at the end and record them in `reference_training.json`.
+        keep_work: keep `<out_dir>.partial/` (every part's pipeline folder).
+
+    Returns:
+        `out_dir`.
+    """
+    from pisces.pipelines import PiscesPipeline
+
+    if recipe not in RECIPES:
+        raise ValueError(f"Unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}.")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise FileExistsError(f"{out_dir} exists and is not empty; pass a new folder.")
+    work_dir = out_dir.with_name(out_dir.name + ".partial")
+    work_dir.mkdir(parents=True, exist_ok=True)
+    record_path = work_dir / TRAINING_LOG
+    record = json.loads(record_path.read_text()) if record_path.is_file() else {"recipe": recipe, "seed": seed, "parts": {}}
+    if record["recipe"] != recipe or record["seed"] != seed:
+        raise ValueError(
+            f"{work_dir} holds a partial run of recipe {record['recipe']!r} with seed {record['seed']}; resume it with "
+            "the same arguments, or delete the folder."
+        )
+    parts = _parts(budget)
+    done = [part for part in parts if (work_dir / f"{parts.index(part)}-{part}" / "model_index.json").is_file()]
+    torch.manual_seed(seed)
+    if done:
+        last = work_dir / f"{parts.index(done[-1])}-{done[-1]}"
+        log(f"resuming from {last}")
+        pipe = PiscesPipeline.from_pretrained(last)
+    elif components_from is not None:
+        pipe = PiscesPipeline.from_pretrained(components_from)
+        done = parts[:4]
+        record["components_from"] = str(components_from)
+    else:
+        pipe = _new_pipeline(seed)
+    for index, part in enumerate(parts):
+        if part in done:
+            continue
+        log(f"[{index + 1}/{len(parts)}] {part}")
+        start = time.perf_counter()
+        entry = _run_part(pipe, part, recipe, budget, seed, work_dir, log)
+        entry["seconds"] = round(time.perf_counter() - start, 1)
+        log(f"  {part} took {entry['seconds'] / 60:.1f} min")
+        pipe.save_pretrained(work_dir / f"{index}-{part}")
+        record["parts"][part] = entry
+        record_path.write_text(json.dumps(record, indent=1))
+    record["train_seconds"] = round(sum(entry["seconds"] for entry in record["parts"].values()), 1)
+    if evaluate:
+        record["eval"] = evaluate_reference(pipe, log=log)
+    pipe.save_pretrained(out_dir)
+    (out_dir / TRAINING_LOG).write_text(json.dumps(record, indent=1))
+    if not keep_work:
+        shutil.rmtree(work_dir)
+    log(f"wrote {out_dir} (training {record['train_seconds'] / 60:.1f} min)")
+    return out_dir
