@@ -198,7 +198,8 @@ def train_decoder(
                         raise ValueError(f"Unsupported prediction_type {prediction_type!r} of the scheduler.")
                 with accelerator.autocast():
                     conditioning = decoder_conditioning(unwrapped, embeds)
-                    prediction = decoder(decoder_input(unwrapped, noisy, embeds), timesteps, **conditioning, return_dict=False)[0]
+                    sample = decoder_input(unwrapped, noisy, embeds)
+                    prediction = decoder(sample, timesteps, **conditioning, return_dict=False)[0]
                 loss = F.mse_loss(prediction.float(), target.float())
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:

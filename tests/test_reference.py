@@ -1,0 +1,109 @@
+"""The reference model: the recipe runs, resumes and repeats itself (a few steps per part), and the shipped model
+still meets the issue's floors on a fixed subset of ShapeEval and question answering."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import pisces.training.reference as reference
+from pisces.pipelines import PiscesPipeline
+from pisces.training.cli import REFERENCE_RECIPES
+from pisces.training.reference import Budget, LLMStage, train_reference
+from pisces.training.shape_eval import CATEGORIES, evaluate_generation, evaluate_understanding, shapeeval_prompts
+
+
+MICRO = Budget(
+    gen_encoder_steps=2,
+    und_encoder_steps=2,
+    encoder_batch_size=4,
+    vae_steps=2,
+    vae_batch_size=4,
+    decoder_steps=2,
+    decoder_batch_size=4,
+    llm_batch_size=4,
+    stages=(
+        LLMStage("stage1", 2, 1e-3, (("brief", 1.0),)),
+        LLMStage("stage2", 2, 5e-4, (("detailed", 1.0),)),
+        LLMStage("stage3", 2, 3e-4, (("question", 0.7), ("detailed", 0.3))),
+    ),
+)
+
+
+def _weights(folder):
+    return {**load_file(folder / "model.safetensors"), **load_file(folder / "decoder" / "diffusion_pytorch_model.safetensors")}
+
+
+def test_recipe_runs_resumes_after_an_interruption_and_repeats_itself(tmp_path, monkeypatch):
+    quiet = dict(budget=MICRO, evaluate=False, log=lambda message: None)
+    first = train_reference(tmp_path / "first", **quiet)
+    record = json.loads((first / reference.TRAINING_LOG).read_text())
+    assert list(record["parts"]) == ["gen_encoder", "und_encoder", "vae", "decoder", "stage1", "stage2", "stage3"]
+    assert not (tmp_path / "first.partial").exists()
+    pipe = PiscesPipeline.from_pretrained(first)
+    assert pipe.decoder.config.in_channels == 4 + pipe.model.config.gen_vision_config.hidden_size
+    assert pipe.model.config.num_gen_tokens == 16 and pipe.model.config.num_image_tokens == 16
+
+    # Interrupted in the decoder part, then run again: it resumes after the VAE and ends with the same weights.
+    run_part = reference._run_part
+
+    def interrupted(pipe, part, *args, **kwargs):
+        if part == "decoder":
+            raise KeyboardInterrupt
+        return run_part(pipe, part, *args, **kwargs)
+
+    monkeypatch.setattr(reference, "_run_part", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train_reference(tmp_path / "second", **quiet)
+    assert sorted(p.name for p in (tmp_path / "second.partial").iterdir() if p.is_dir()) == [
+        "0-gen_encoder", "1-und_encoder", "2-vae"
+    ]
+    monkeypatch.setattr(reference, "_run_part", run_part)
+    messages = []
+    second = train_reference(tmp_path / "second", **dict(quiet, log=messages.append))
+    assert any("resuming from" in message and message.endswith("2-vae") for message in messages)
+    first_weights, second_weights = _weights(first), _weights(second)
+    assert first_weights.keys() == second_weights.keys()
+    assert all(torch.equal(first_weights[name], second_weights[name]) for name in first_weights)
+
+
+def test_recipe_refuses_a_used_folder_and_a_mismatched_partial_run(tmp_path):
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not empty"):
+        train_reference(tmp_path / "used", budget=MICRO)
+    (tmp_path / "run.partial").mkdir()
+    (tmp_path / "run.partial" / reference.TRAINING_LOG).write_text(json.dumps({"recipe": "joint", "seed": 1, "parts": {}}))
+    with pytest.raises(ValueError, match="partial run"):
+        train_reference(tmp_path / "run", budget=MICRO, seed=0)
+    with pytest.raises(ValueError, match="Unknown recipe"):
+        train_reference(tmp_path / "other", recipe="text-only")
+
+
+def test_cli_recipes_are_the_recipes():
+    assert REFERENCE_RECIPES == reference.RECIPES
+
+
+# ---- the shipped model ----
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    pipe = PiscesPipeline.from_pretrained(reference.reference_model_path())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_shipped_model_meets_the_generation_floors_on_a_fixed_subset(shipped):
+    # The first two prompts of every category, two images each (seeds 0 and 1).
+    prompts = [p for category in CATEGORIES for p in [q for q in shapeeval_prompts() if q.category == category][:2]]
+    result = evaluate_generation(shipped, prompts=prompts, images_per_prompt=2)
+    assert result["overall"] >= 0.80, result
+    assert min(result["categories"].values()) >= 0.50, result
+
+
+def test_shipped_model_meets_the_question_answering_floor(shipped):
+    result = evaluate_understanding(shipped.model, shipped.processor, num_scenes=12)
+    assert result["vqa_accuracy"] >= 0.90, result
+    assert result["num_questions"] >= 60
