@@ -9,7 +9,7 @@ Every part is trained by this recipe, with the package's own code, in one determ
 | `und_encoder` | the understanding encoder (SigLIP vision) | the same autoencoding, from its 16 patch features |
 | `vae` | `AutoencoderKL`, 64 px <-> 4 x 16 x 16 | reconstruction + a small KL term |
 | `decoder` | `UNet2DConditionModel` on VAE latents | `train_decoder`: x0-prediction from the gen encoder's vectors |
-| `stage1` .. `stage3` | the LLM, projectors and heads (encoders frozen) | the paper's stages through `PiscesTrainer` |
+| `stage1` .. `stage3` | the LLM, projectors, heads and the und encoder | the paper's stages through `PiscesTrainer` |
 
 The paper's gen-CLIP is trained contrastively with an MAE term; here the generation encoder is trained to
 autoencode instead (MAE's reconstruction without the masking): in a world of flat shapes, what the vectors must carry
@@ -85,16 +85,7 @@ VAE = {
     "norm_num_groups": 8,
     "sample_size": 64,
 }
-# Grid-conditioned (see `pisces.pipelines.decoder_input`), plus cross-attention and the pooled class embedding.
-DECODER = {
-    "sample_size": 16,
-    "block_out_channels": (32, 64),
-    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
-    "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
-    "layers_per_block": 1,
-    "attention_head_dim": 16,
-    "norm_num_groups": 16,
-}
+# The decoder: `DECODER_PRESETS["reference"]`, grid-conditioned (see `pisces.pipelines.decoder_input`).
 
 
 @dataclass(frozen=True)
@@ -147,13 +138,18 @@ def reference_model_path() -> Path:
 # ---- the world's data ----
 
 
+def _world_seed(seed: int, index: int) -> int:
+    """The shapes-world seed of item `index` of a data stream seeded `seed` (streams of different seeds never meet)."""
+    return seed * 10_000_019 + index
+
+
 def _scene_image(index: int, seed: int):
     """Training pictures for the encoders, the VAE and the decoder: half free scenes, half generation pictures."""
     from .shapes import render_objects, sample_generation, sample_scene
 
     if index % 2 == 0:
-        return sample_scene(seed * 10_000_019 + index).render()
-    return render_objects(sample_generation(seed * 10_000_019 + index)[1])
+        return sample_scene(_world_seed(seed, index)).render()
+    return render_objects(sample_generation(_world_seed(seed, index))[1])
 
 
 def _pixels(images) -> torch.Tensor:
@@ -212,7 +208,7 @@ class ShapesRows(torch.utils.data.Dataset):
             short_caption,
         )
 
-        world_seed = self.seed * 10_000_019 + index
+        world_seed = _world_seed(self.seed, index)
         if self.kind == "generation":
             prompt, objects = sample_generation(world_seed)
             return {"image": render_objects(objects), "text": prompt}
@@ -268,6 +264,18 @@ def _warmup_cosine(optimizer, steps: int, warmup: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def _optimizer_step(loss, parameters, optimizer, scheduler, losses: list, steps: int, log) -> None:
+    """Backward, clip at 1.0, step, and log the mean loss every 100 steps: the loop of the hand-written parts."""
+    optimizer.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+    optimizer.step()
+    scheduler.step()
+    losses.append(loss.item())
+    if len(losses) % 100 == 0:
+        log(f"  step {len(losses)}/{steps}: loss {np.mean(losses[-100:]):.4f}")
+
+
 def pretrain_encoder(encoder_features, encoder: nn.Module, image_processor, width: int, steps: int, batch_size: int,
                      seed: int, log) -> list[float]:
     """
@@ -287,14 +295,7 @@ def pretrain_encoder(encoder_features, encoder: nn.Module, image_processor, widt
         target = _pixels(images)
         output = head(encoder_features(inputs))
         loss = (_foreground_weight(target) * (output - target) ** 2).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-        optimizer.step()
-        scheduler.step()
-        losses.append(loss.item())
-        if (step + 1) % 100 == 0:
-            log(f"  step {step + 1}/{steps}: loss {np.mean(losses[-100:]):.4f}")
+        _optimizer_step(loss, parameters, optimizer, scheduler, losses, steps, log)
     encoder.eval().requires_grad_(False)
     return losses
 
@@ -312,14 +313,7 @@ def train_vae(vae, budget: Budget, seed: int, log) -> list[float]:
         posterior = vae.encode(target).latent_dist
         output = vae.decode(posterior.sample(generator)).sample
         loss = (_foreground_weight(target) * (output - target) ** 2).mean() + 1e-6 * posterior.kl().mean()
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        losses.append(loss.item())
-        if (step + 1) % 100 == 0:
-            log(f"  step {step + 1}/{budget.vae_steps}: loss {np.mean(losses[-100:]):.4f}")
+        _optimizer_step(loss, list(vae.parameters()), optimizer, scheduler, losses, budget.vae_steps, log)
     vae.eval().requires_grad_(False)
     with torch.no_grad():
         latents = vae.encode(_pixels([_scene_image(10**6 + i, seed) for i in range(256)])).latent_dist.mean
@@ -332,9 +326,10 @@ def train_vae(vae, budget: Budget, seed: int, log) -> list[float]:
 
 def _new_pipeline(seed: int):
     """The untrained reference pipeline: the tokenizer trained on the world's text, and every part at random."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DDIMScheduler
 
     from pisces import PiscesForConditionalGeneration
+    from pisces.conversion.decoder_presets import build_decoder
     from pisces.conversion.random_checkpoint import build_processor, config_for_tokenizer, text_generation_config
     from pisces.conversion.tokenizer import build_tokenizer
     from pisces.pipelines import PiscesPipeline
@@ -352,14 +347,8 @@ def _new_pipeline(seed: int):
     model = PiscesForConditionalGeneration(config).eval()
     model.generation_config = text_generation_config(config, tokenizer)
     vae = AutoencoderKL(**VAE)
-    width = GEN_VISION["hidden_size"]
-    decoder = UNet2DConditionModel(
-        in_channels=VAE["latent_channels"] + width,
-        out_channels=VAE["latent_channels"],
-        cross_attention_dim=width,
-        class_embed_type="projection",
-        projection_class_embeddings_input_dim=width,
-        **DECODER,
+    decoder = build_decoder(
+        "reference", GEN_VISION["hidden_size"], in_channels=VAE["latent_channels"], grid_conditioning=True
     )
     # x0-prediction: the vectors almost fix the picture, so the decoder mostly has to draw it, not to denoise.
     scheduler = DDIMScheduler(
@@ -373,7 +362,7 @@ def _new_pipeline(seed: int):
 
 
 def _train_llm_stage(pipe, stage: LLMStage, recipe: str, budget: Budget, seed: int, work_dir: Path, log) -> list[dict]:
-    """One LLM stage with `PiscesTrainer`: language model, projectors and heads train; the encoders stay frozen."""
+    """One LLM stage with `PiscesTrainer`: language model, projectors, heads and the und encoder train."""
     from transformers import TrainingArguments
 
     from .data import PiscesCollator, PiscesTrainingDataset
@@ -532,7 +521,7 @@ def train_reference(
         budget: steps per part (`REFERENCE_BUDGET`).
         components_from: a pipeline folder whose encoders, VAE and decoder to take instead of training them (for
             comparing recipes on the same components); the LLM stages then start from its LLM, which must be
-            untrained (a `<out>.partial/4-decoder` folder of another run).
+            untrained (the `<out>.partial/3-decoder` folder of another run, kept with `keep_work=True`).
         evaluate: run ShapeEval and question answering at the end and record them in `reference_training.json`.
         keep_work: keep `<out_dir>.partial/` (every part's pipeline folder).
 
