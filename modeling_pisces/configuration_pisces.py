@@ -107,6 +107,10 @@ class PiscesConfig(PretrainedConfig):
             Id of the `<gen>` placeholder; each one receives `gen_projector(target)` as its input embedding.
         gen_loss_weight (`float`, *optional*, defaults to 1.0):
             Weight `lambda` of the generation MSE in `loss = lm_loss + lambda * gen_loss`.
+        gen_input_noise (`float`, *optional*, defaults to 0.0):
+            Standard deviation of the Gaussian noise added, in training only, to the teacher-forced generation vectors
+            before `gen_projector`. At inference each `<gen>` input is the model's own earlier prediction, not the
+            target; training on noisy inputs keeps its errors from compounding along the sequence (exposure bias).
         gen_guidance_scale (`float`, *optional*, defaults to 3.0):
             Default classifier-free guidance scale of `generate_image_embeddings` on the generation vectors.
         unconditional_input_ids (`list[int]`, *optional*):
@@ -134,6 +138,7 @@ class PiscesConfig(PretrainedConfig):
         eoi_token_id: int = PAPER_TOKEN_IDS["eoi_token_id"],
         gen_token_id: int = PAPER_TOKEN_IDS["gen_token_id"],
         gen_loss_weight: float = 1.0,
+        gen_input_noise: float = 0.0,
         gen_guidance_scale: float = 3.0,
         unconditional_input_ids: list[int] | None = None,
         tie_word_embeddings: bool = False,
@@ -151,6 +156,9 @@ class PiscesConfig(PretrainedConfig):
         self.eoi_token_id = eoi_token_id
         self.gen_token_id = gen_token_id
         self.gen_loss_weight = gen_loss_weight
+        if gen_input_noise < 0:
+            raise ValueError(f"gen_input_noise is a standard deviation and must be >= 0, got {gen_input_noise}.")
+        self.gen_input_noise = gen_input_noise
         self.gen_guidance_scale = gen_guidance_scale
         self.unconditional_input_ids = list(unconditional_input_ids) if unconditional_input_ids is not None else None
 

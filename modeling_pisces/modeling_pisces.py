@@ -264,7 +264,10 @@ class PiscesModel(PiscesPreTrainedModel):
             if input_ids is None:
                 raise ValueError("gen_pixel_values needs input_ids, to find the <boi> and <gen> positions.")
             gen_targets = self.get_gen_targets(gen_pixel_values)
-            gen_inputs = self.gen_projector(gen_targets).to(inputs_embeds.device, inputs_embeds.dtype)
+            gen_inputs = gen_targets
+            if self.training and self.config.gen_input_noise > 0:
+                gen_inputs = gen_targets + self.config.gen_input_noise * torch.randn_like(gen_targets)
+            gen_inputs = self.gen_projector(gen_inputs).to(inputs_embeds.device, inputs_embeds.dtype)
             mask = self.get_placeholder_mask(input_ids, inputs_embeds, self.config.gen_token_id, gen_inputs)
             inputs_embeds = inputs_embeds.masked_scatter(mask, gen_inputs)
 

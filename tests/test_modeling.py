@@ -107,6 +107,29 @@ def test_gen_inputs_are_the_projected_targets(tiny_model):
     torch.testing.assert_close(from_ids.last_hidden_state, from_embeds)
 
 
+def test_gen_input_noise_perturbs_the_inputs_in_training_only(tiny_model):
+    batch = generation_batch(tiny_model.config)
+    clean = tiny_model(**batch)
+    tiny_model.config.gen_input_noise = 0.5
+    still_eval = tiny_model(**batch)
+    torch.testing.assert_close(still_eval.loss, clean.loss)  # inference never adds noise
+
+    tiny_model.train()
+    torch.manual_seed(0)
+    noisy = tiny_model(**batch)
+    # The targets stay clean; only what the <gen> positions read changes, so only predictions after the first move.
+    torch.testing.assert_close(noisy.gen_targets, clean.gen_targets)
+    torch.testing.assert_close(noisy.gen_embeds[:, 0], clean.gen_embeds[:, 0])
+    assert not torch.allclose(noisy.gen_embeds[:, 1:], clean.gen_embeds[:, 1:])
+    tiny_model.config.gen_input_noise = 0.0
+    torch.testing.assert_close(tiny_model(**batch).loss, clean.loss)  # no noise: training mode changes nothing
+
+
+def test_negative_gen_input_noise_is_refused():
+    with pytest.raises(ValueError, match="gen_input_noise"):
+        PiscesConfig(gen_input_noise=-0.1)
+
+
 def test_lm_loss_ignores_minus_100(tiny_model):
     config = tiny_model.config
     batch = understanding_batch(config)
