@@ -43,7 +43,8 @@ def test_recipe_runs_resumes_after_an_interruption_and_repeats_itself(tmp_path, 
     assert not (tmp_path / "first.partial").exists()
     pipe = PiscesPipeline.from_pretrained(first)
     assert pipe.decoder.config.in_channels == 4 + pipe.model.config.gen_vision_config.hidden_size
-    assert pipe.model.config.num_gen_tokens == 16 and pipe.model.config.num_image_tokens == 16
+    assert pipe.model.config.num_gen_tokens == 16 and pipe.model.config.num_image_tokens == 9  # one per cell
+    assert pipe.model.config.gen_input_noise > 0
 
     # Interrupted in the decoder part, then run again: it resumes after the VAE and ends with the same weights.
     run_part = reference._run_part
@@ -68,6 +69,13 @@ def test_recipe_runs_resumes_after_an_interruption_and_repeats_itself(tmp_path, 
     assert all(torch.equal(first_weights[name], second_weights[name]) for name in first_weights)
 
 
+@pytest.mark.parametrize("side", [3, 4])
+def test_grid_image_head_draws_the_whole_picture_from_any_grid(side):
+    # 4 x 4: the generation encoder's pooled vectors; 3 x 3: the understanding encoder's patches, one per cell.
+    head = reference.GridImageHead(width=8)
+    assert head(torch.randn(2, side * side, 8)).shape == (2, 3, 64, 64)
+
+
 def test_recipe_refuses_a_used_folder_and_a_mismatched_partial_run(tmp_path):
     (tmp_path / "used").mkdir()
     (tmp_path / "used" / "notes.txt").write_text("mine")
@@ -87,12 +95,13 @@ def test_cli_recipes_are_the_recipes():
 
 # ---- the shipped model ----
 
-# The issue's floors are ShapeEval 0.80 overall (no category under 0.50) and question answering 0.90; the shipped model
-# does not meet them yet (full evaluation: ShapeEval 0.42, question answering 0.61; README). Until it does, these tests
-# guard what it measures on the fixed subset below (0.42 and 0.59), with a margin for other CPUs' round-off; a
-# random checkpoint scores 0 on both.
-SUBSET_OVERALL_GUARD = 0.30
-SUBSET_VQA_GUARD = 0.50
+# The issue's floors: ShapeEval 0.80 overall with no category under 0.50, and question answering 0.90. On the fixed
+# subset below, the shipped model measures ShapeEval 0.83 (no category under 0.50), so that test holds it to the
+# floors. Question answering (0.85 on the full 50 held-out scenes, 0.82 on this subset) is under its floor: its guard
+# sits under what it measures, with a margin for other CPUs' round-off. A random checkpoint scores 0 on both.
+SHAPEEVAL_FLOOR = 0.80
+CATEGORY_FLOOR = 0.50
+SUBSET_VQA_GUARD = 0.75
 
 
 @pytest.fixture(scope="module")
@@ -106,8 +115,8 @@ def test_shipped_model_draws_the_prompts_of_a_fixed_subset(shipped):
     # The first two prompts of every category, two images each (seeds 0 and 1).
     prompts = [p for category in CATEGORIES for p in [q for q in shapeeval_prompts() if q.category == category][:2]]
     result = evaluate_generation(shipped, prompts=prompts, images_per_prompt=2)
-    assert result["overall"] >= SUBSET_OVERALL_GUARD, result
-    assert result["categories"]["single_object"] >= 0.75, result
+    assert result["overall"] >= SHAPEEVAL_FLOOR, result
+    assert min(result["categories"].values()) >= CATEGORY_FLOOR, result
 
 
 def test_shipped_model_answers_questions_on_held_out_scenes(shipped):
@@ -120,6 +129,7 @@ def test_shipped_model_is_the_recipes_architecture_and_fits_the_package(shipped)
     config = shipped.model.config
     assert config.text_config.hidden_size == reference.TEXT["hidden_size"]
     assert config.gen_guidance_scale == 1.0
+    assert config.num_image_tokens == 9 and config.gen_input_noise > 0
     assert shipped.decoder.config.in_channels == reference.VAE["latent_channels"] + reference.GEN_VISION["hidden_size"]
     size = sum(f.stat().st_size for f in reference.reference_model_path().rglob("*") if f.is_file())
     assert size <= 40 * 2**20

@@ -409,7 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     describe_cmd.add_argument("image")
     describe_cmd.add_argument("--prompt", default="Describe the image.")
     describe_cmd.add_argument("--model", help=MODEL_HELP)
-    describe_cmd.add_argument("--max-new-tokens", type=int, default=32)
+    describe_cmd.add_argument("--max-new-tokens", type=int, default=96, help="stops earlier at the end of the answer")
     describe_cmd.set_defaults(run=describe)
     train_cmd = commands.add_parser(
         "train",
