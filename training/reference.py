@@ -9,7 +9,7 @@ Every part is trained by this recipe, with the package's own code, in one determ
 | `und_encoder` | the understanding encoder (SigLIP vision) | the same autoencoding, from its 9 patch features (one per cell) |
 | `vae` | `AutoencoderKL`, 64 px <-> 4 x 16 x 16 | reconstruction + a small KL term |
 | `decoder` | `UNet2DConditionModel` on VAE latents | `train_decoder`: x0-prediction from the gen encoder's vectors |
-| `stage1` .. `stage3` | the LLM, projectors, heads and the und encoder | the paper's stages through `PiscesTrainer` |
+| `stage1` .. `stage3` | the LLM, projectors and heads (encoders frozen) | the paper's stages through `PiscesTrainer` |
 
 The paper's gen-CLIP is trained contrastively with an MAE term; here the generation encoder is trained to
 autoencode instead (MAE's reconstruction without the masking): in a world of flat shapes, what the vectors must carry
@@ -372,11 +372,11 @@ def _new_pipeline(seed: int):
 
 
 def _train_llm_stage(pipe, stage: LLMStage, recipe: str, budget: Budget, seed: int, work_dir: Path, log) -> list[dict]:
-    """One LLM stage with `PiscesTrainer`: language model, projectors, heads and the und encoder train."""
+    """One LLM stage with `PiscesTrainer`: language model, projectors and heads train; the encoders stay frozen."""
     from transformers import TrainingArguments
 
     from .data import PiscesCollator, PiscesTrainingDataset
-    from .stages import STAGES, apply_stage
+    from .stages import apply_stage
     from .trainer import PiscesTrainer
 
     rows = stage.steps * budget.llm_batch_size
