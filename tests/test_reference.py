@@ -12,7 +12,6 @@ from pisces.pipelines import PiscesPipeline
 from pisces.training.cli import REFERENCE_RECIPES
 from pisces.training.reference import Budget, LLMStage, train_reference
 from pisces.training.shape_eval import CATEGORIES, evaluate_generation, evaluate_understanding, shapeeval_prompts
-from pisces.training.shapes import COLOURS, SHAPES, SIZES, ShapeObject, render_objects, sample_scene
 
 
 MICRO = Budget(
@@ -77,20 +76,6 @@ def test_grid_image_head_draws_the_whole_picture_from_any_grid(side):
     assert head(torch.randn(2, side * side, 8)).shape == (2, 3, 64, 64)
 
 
-def test_cell_labels_name_each_cells_object():
-    scene = next(scene for scene in map(sample_scene, range(100)) if len(scene.objects) == 3)
-    labels = reference._cell_labels(scene.objects)
-    assert labels.shape == (9, len(reference.CELL_ATTRIBUTES))
-    assert labels[:, 3].tolist() == list(range(9))
-    occupied = {obj.row * 3 + obj.col: obj for obj in scene.objects}
-    for cell in range(9):
-        obj = occupied.get(cell)
-        expected = [0, 0, 0] if obj is None else [
-            SHAPES.index(obj.shape) + 1, list(COLOURS).index(obj.colour) + 1, list(SIZES).index(obj.size) + 1
-        ]
-        assert labels[cell, :3].tolist() == expected, (cell, obj)
-
-
 def test_recipe_refuses_a_used_folder_and_a_mismatched_partial_run(tmp_path):
     (tmp_path / "used").mkdir()
     (tmp_path / "used" / "notes.txt").write_text("mine")
@@ -138,18 +123,6 @@ def test_shipped_model_answers_questions_on_held_out_scenes(shipped):
     result = evaluate_understanding(shipped.model, shipped.processor, num_scenes=12)
     assert result["vqa_accuracy"] >= SUBSET_VQA_GUARD, result
     assert result["num_questions"] >= 60
-
-
-def test_understanding_token_i_is_the_patch_of_cell_i(shipped):
-    # `_cell_labels` labels token i with cell (i // 3, i % 3): a lone object must change that patch and no other.
-    patches = shipped.model.model.vision_tower.embeddings.patch_embedding
-    for row, col in [(0, 2), (2, 0), (1, 1)]:
-        images = [render_objects([]), render_objects([ShapeObject("circle", "red", "large", row, col)])]
-        pixel_values = shipped.processor.image_processor(images, return_tensors="pt")["pixel_values"]
-        with torch.no_grad():
-            empty, one = patches(pixel_values).flatten(2).transpose(1, 2)
-        changed = ((one - empty).abs().amax(dim=-1) > 1e-4).nonzero().flatten().tolist()
-        assert changed == [row * 3 + col]
 
 
 def test_shipped_model_is_the_recipes_architecture_and_fits_the_package(shipped):

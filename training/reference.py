@@ -6,18 +6,16 @@ Every part is trained by this recipe, with the package's own code, in one determ
 | --- | --- | --- |
 | tokenizer | byte-level BPE (`build_tokenizer`) | on the world's captions, prompts, questions and answers |
 | `gen_encoder` | the generation encoder (CLIP vision) | autoencoding: a small conv head (discarded) redraws the picture |
-| `und_encoder` | the understanding encoder (SigLIP vision) | the same autoencoding from its 9 cell features, + labels per cell |
+| `und_encoder` | the understanding encoder (SigLIP vision) | the same autoencoding, from its 9 patch features (one per cell) |
 | `vae` | `AutoencoderKL`, 64 px <-> 4 x 16 x 16 | reconstruction + a small KL term |
 | `decoder` | `UNet2DConditionModel` on VAE latents | `train_decoder`: x0-prediction from the gen encoder's vectors |
 | `stage1` .. `stage3` | the LLM, projectors and heads (encoders frozen) | the paper's stages through `PiscesTrainer` |
 
 The paper's gen-CLIP is trained contrastively with an MAE term; here the generation encoder is trained to
 autoencode instead (MAE's reconstruction without the masking): in a world of flat shapes, what the vectors must carry
-is exactly what the picture shows, and a reconstruction objective says so most directly. The paper's SigLIP learns
-from language; the understanding encoder's stand-in for that is linear heads that read each cell's shape, colour, size
-and place off its feature (`CELL_ATTRIBUTES`). The LLM stages follow the paper: (1) short captions in both
-directions, (2) detailed captions, (3) instructions (question answering) mixed with generation. The
-`generation-only` recipe trains the same LLM steps on generation alone, for the synergy comparison.
+is exactly what the picture shows, and a reconstruction objective says so most directly. The LLM stages follow the
+paper: (1) short captions in both directions, (2) detailed captions, (3) instructions (question answering) mixed with
+generation. The `generation-only` recipe trains the same LLM steps on generation alone, for the synergy comparison.
 
 `train_reference(out_dir)` writes each finished part to `<out_dir>.partial/` as a complete pipeline folder and
 starts from the last one when run again, so an interrupted run resumes; the finished model goes to `out_dir` with
@@ -150,42 +148,13 @@ def _world_seed(seed: int, index: int) -> int:
     return seed * 10_000_019 + index
 
 
-def _scene_objects(index: int, seed: int) -> list:
-    """The objects of a training picture of the encoders, the VAE and the decoder: half free scenes, half generation."""
-    from .shapes import sample_generation, sample_scene
+def _scene_image(index: int, seed: int):
+    """Training pictures for the encoders, the VAE and the decoder: half free scenes, half generation pictures."""
+    from .shapes import render_objects, sample_generation, sample_scene
 
     if index % 2 == 0:
-        return sample_scene(_world_seed(seed, index)).objects
-    return sample_generation(_world_seed(seed, index))[1]
-
-
-def _scene_image(index: int, seed: int):
-    from .shapes import render_objects
-
-    return render_objects(_scene_objects(index, seed))
-
-
-# What the understanding encoder's pretraining reads off each cell token: shape, colour and size (0 for an empty cell),
-# and the cell itself. Autoencoding alone left the LLM little to go on: the grid head knows where each token sits, so
-# the tokens need not say, and shape was entangled with colour. Linear probes on the held-out pairs' cell tokens read
-# the cell at 0.81 and the shape at 0.79 without these heads, at 1.00 and 0.99 with them, and the LLM answered "where
-# is the <colour> <shape>?" at 0.54 on training scenes.
-CELL_ATTRIBUTES = {"shape": 5, "colour": 7, "size": 3, "cell": 9}
-CELL_LOSS_WEIGHT = 0.1
-
-
-def _cell_labels(objects: list) -> torch.Tensor:
-    """`(9, 4)` class labels of the 3 x 3 cells, row-major, in the order of `CELL_ATTRIBUTES`."""
-    from .shapes import COLOURS, GRID, SHAPES, SIZES
-
-    labels = torch.zeros(GRID * GRID, len(CELL_ATTRIBUTES), dtype=torch.long)
-    labels[:, 3] = torch.arange(GRID * GRID)
-    for obj in objects:
-        cell = obj.row * GRID + obj.col
-        labels[cell, :3] = torch.tensor(
-            [SHAPES.index(obj.shape) + 1, list(COLOURS).index(obj.colour) + 1, list(SIZES).index(obj.size) + 1]
-        )
-    return labels
+        return sample_scene(_world_seed(seed, index)).render()
+    return render_objects(sample_generation(_world_seed(seed, index))[1])
 
 
 def _pixels(images) -> torch.Tensor:
@@ -318,39 +287,24 @@ def _optimizer_step(loss, parameters, optimizer, scheduler, losses: list, steps:
 
 
 def pretrain_encoder(encoder_features, encoder: nn.Module, image_processor, width: int, steps: int, batch_size: int,
-                     seed: int, log, cell_labels: bool = False) -> list[float]:
+                     seed: int, log) -> list[float]:
     """
-    Trains `encoder` to autoencode the world's pictures: `encoder_features(pixel_values)` (a square grid of vectors)
-    through a `GridImageHead` back to the picture, with a foreground-weighted MSE. With `cell_labels`, linear heads
-    also read each cell's shape, colour, size and place off its vector (cross-entropy, `CELL_ATTRIBUTES`). Returns
-    the losses.
+    Trains `encoder` to autoencode the world's pictures: `encoder_features(pixel_values)` (a 4 x 4 grid of vectors)
+    through a `GridImageHead` back to the picture, with a foreground-weighted MSE. Returns the losses.
     """
-    from .shapes import render_objects
-
     torch.manual_seed(seed)
     head = GridImageHead(width)
     parameters = list(encoder.parameters()) + list(head.parameters())
-    if cell_labels:
-        cell_head = nn.Linear(width, sum(CELL_ATTRIBUTES.values()))
-        parameters += list(cell_head.parameters())
     encoder.train().requires_grad_(True)
     optimizer = torch.optim.AdamW(parameters, lr=5e-4, weight_decay=0.01)
     scheduler = _warmup_cosine(optimizer, steps, 100)
     losses = []
     for step in range(steps):
-        objects = [_scene_objects(step * batch_size + i, seed) for i in range(batch_size)]
-        images = [render_objects(scene) for scene in objects]
+        images = [_scene_image(step * batch_size + i, seed) for i in range(batch_size)]
         inputs = image_processor(images, return_tensors="pt")["pixel_values"]
         target = _pixels(images)
-        features = encoder_features(inputs)
-        loss = (_foreground_weight(target) * (head(features) - target) ** 2).mean()
-        if cell_labels:
-            labels = torch.stack([_cell_labels(scene) for scene in objects])
-            logits = cell_head(features).split(list(CELL_ATTRIBUTES.values()), dim=-1)
-            loss = loss + CELL_LOSS_WEIGHT * sum(
-                nn.functional.cross_entropy(logit.flatten(0, 1), labels[..., i].flatten())
-                for i, logit in enumerate(logits)
-            )
+        output = head(encoder_features(inputs))
+        loss = (_foreground_weight(target) * (output - target) ** 2).mean()
         _optimizer_step(loss, parameters, optimizer, scheduler, losses, steps, log)
     encoder.eval().requires_grad_(False)
     return losses
@@ -512,7 +466,7 @@ def _run_part(pipe, part: str, recipe: str, budget: Budget, seed: int, work_dir:
 
         losses = pretrain_encoder(
             features, tower, pipe.processor.image_processor, UND_VISION["hidden_size"], budget.und_encoder_steps,
-            budget.encoder_batch_size, part_seed, log, cell_labels=True,
+            budget.encoder_batch_size, part_seed, log,
         )
         return {"losses": losses[::50]}
     if part == "vae":
