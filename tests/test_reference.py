@@ -76,6 +76,33 @@ def test_grid_image_head_draws_the_whole_picture_from_any_grid(side):
     assert head(torch.randn(2, side * side, 8)).shape == (2, 3, 64, 64)
 
 
+def test_a_run_on_given_components_resumes_without_training_them(tmp_path, monkeypatch):
+    quiet = dict(budget=MICRO, evaluate=False, log=lambda message: None)
+    train_reference(tmp_path / "source", keep_work=True, **quiet)
+    components = tmp_path / "source.partial" / "3-decoder"
+    first = train_reference(tmp_path / "first", components_from=components, **quiet)
+
+    run_part, trained, stop_at = reference._run_part, [], ["stage2"]
+
+    def counted(pipe, part, *args, **kwargs):
+        trained.append(part)
+        if part in stop_at:
+            raise KeyboardInterrupt
+        return run_part(pipe, part, *args, **kwargs)
+
+    monkeypatch.setattr(reference, "_run_part", counted)
+    with pytest.raises(KeyboardInterrupt):
+        train_reference(tmp_path / "second", components_from=components, **quiet)
+    with pytest.raises(ValueError, match="components"):
+        train_reference(tmp_path / "second", **quiet)  # the same run, without its components: refused
+    trained.clear()
+    stop_at.clear()
+    second = train_reference(tmp_path / "second", components_from=components, **quiet)
+    assert trained == ["stage2", "stage3"]
+    first_weights, second_weights = _weights(first), _weights(second)
+    assert all(torch.equal(first_weights[name], second_weights[name]) for name in first_weights)
+
+
 def test_recipe_refuses_a_used_folder_and_a_mismatched_partial_run(tmp_path):
     (tmp_path / "used").mkdir()
     (tmp_path / "used" / "notes.txt").write_text("mine")

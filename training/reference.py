@@ -551,25 +551,30 @@ def train_reference(
     work_dir = out_dir.with_name(out_dir.name + ".partial")
     work_dir.mkdir(parents=True, exist_ok=True)
     record_path = work_dir / TRAINING_LOG
-    record = {"recipe": recipe, "seed": seed, "parts": {}}
+    given = None if components_from is None else str(components_from)
+    record = {"recipe": recipe, "seed": seed, "components_from": given, "parts": {}}
     if record_path.is_file():
         record = json.loads(record_path.read_text())
-    if record["recipe"] != recipe or record["seed"] != seed:
+    if (record["recipe"], record["seed"], record.get("components_from")) != (recipe, seed, given):
         raise ValueError(
-            f"{work_dir} holds a partial run of recipe {record['recipe']!r} with seed {record['seed']}; resume it with "
-            "the same arguments, or delete the folder."
+            f"{work_dir} holds a partial run of recipe {record['recipe']!r} with seed {record['seed']} and components "
+            f"from {record.get('components_from')}; resume it with the same arguments, or delete the folder."
         )
     parts = _parts(budget)
-    done = [part for part in parts if (work_dir / f"{parts.index(part)}-{part}" / "model_index.json").is_file()]
+    # Parts taken from `components_from` are never trained, on a first run or when resuming one.
+    taken = parts[:4] if given is not None else []
+    trained = [
+        part for part in parts
+        if part not in taken and (work_dir / f"{parts.index(part)}-{part}" / "model_index.json").is_file()
+    ]
+    done = taken + trained
     torch.manual_seed(seed)
-    if done:
-        last = work_dir / f"{parts.index(done[-1])}-{done[-1]}"
+    if trained:
+        last = work_dir / f"{parts.index(trained[-1])}-{trained[-1]}"
         log(f"resuming from {last}")
         pipe = PiscesPipeline.from_pretrained(last)
-    elif components_from is not None:
+    elif given is not None:
         pipe = PiscesPipeline.from_pretrained(components_from)
-        done = parts[:4]
-        record["components_from"] = str(components_from)
     else:
         pipe = _new_pipeline(seed)
     for index, part in enumerate(parts):
