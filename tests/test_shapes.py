@@ -26,10 +26,13 @@ from pisces.training.shapes import (
     NUMBERS,
     SHAPES,
     SIZES,
+    Scene,
     ShapeObject,
+    binding_questions,
     detailed_caption,
     generation_objects,
     is_held_out,
+    questions,
     render_objects,
     sample_generation,
     sample_scene,
@@ -74,6 +77,27 @@ def test_captions_and_answers_describe_the_scene():
         assert all(obj.shape in caption for obj in scene.objects)
         if scene.layout == "relation":
             assert any(word in caption for word in ("above", "below", "left of", "right of"))
+
+
+def test_binding_questions_are_those_that_find_an_object_among_different_ones():
+    def scene_of(*objects):
+        scene = Scene(objects=list(objects))
+        scene.qa = questions(scene)
+        return scene
+
+    circle, square = ShapeObject("circle", "red", "small", 0, 0), ShapeObject("square", "green", "large", 2, 2)
+    assert binding_questions(scene_of(circle)) == []
+    assert binding_questions(scene_of(circle, ShapeObject("circle", "red", "small", 1, 1))) == []  # copies
+    assert dict(binding_questions(scene_of(circle, square))) == {
+        "How many circles are there?": "one",
+        "What colour is the circle?": "red",
+        "How many squares are there?": "one",
+        "What colour is the square?": "green",
+        "Where is the red circle?": "top left",
+        "Where is the green square?": "bottom right",
+    }
+    for scene in map(sample_scene, range(200)):
+        assert set(binding_questions(scene)) <= set(scene.qa)
 
 
 def test_prompt_list_is_fixed_and_versioned():

@@ -180,6 +180,26 @@ def questions(scene: Scene) -> list[tuple[str, str]]:
     return pairs
 
 
+# The questions that find an object by its shape (see `binding_questions`).
+BINDING_QUESTION_STARTS = ("What colour is the", "Where is the", "How many")
+
+
+def binding_questions(scene: Scene) -> list[tuple[str, str]]:
+    """
+    The scene's questions that find objects by their shape and ask about them (the colour or cell of the <shape>, how
+    many <shape>s), when the scene holds different objects, so that answering needs each object's attributes bound
+    together. Empty for a scene of one object, or of copies of one, where every such question has the one object's
+    answer.
+    """
+    if len({(obj.shape, obj.colour) for obj in scene.objects}) < 2:
+        return []
+    return [
+        (question, answer)
+        for question, answer in scene.qa
+        if question.startswith(BINDING_QUESTION_STARTS) and question != "How many shapes are there?"
+    ]
+
+
 def _random_object(rng: random.Random, cell: tuple[int, int], split: str, shape=None, colour=None, size=None):
     while True:
         obj = ShapeObject(
