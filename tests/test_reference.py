@@ -19,6 +19,8 @@ from pisces.training.shape_eval import (
 )
 from pisces.training.shapes import (
     COLOURS,
+    GRID,
+    IMAGE_SIZE,
     SHAPES,
     SIZES,
     Scene,
@@ -135,12 +137,12 @@ def test_cell_labels_name_each_cells_object():
 
 def test_binding_rows_ask_binding_questions_of_scenes_of_different_objects():
     rows = reference.ShapesRows(60, "understanding", (("binding", 1.0),), seed=3)
-    kinds = set()
+    kinds, cell = set(), IMAGE_SIZE / GRID
     for index in range(len(rows)):
         row = rows[index]
         # The scene back from its picture (sizes do not change the questions).
         scene = Scene(objects=[
-            ShapeObject(found.shape, found.colour, "small", *(int(found.center[axis] // (64 / 3)) for axis in (1, 0)))
+            ShapeObject(found.shape, found.colour, "small", *(int(found.center[axis] // cell) for axis in (1, 0)))
             for found in detect_objects(row["image"])
         ])
         scene.qa = questions(scene)

@@ -261,8 +261,9 @@ class ShapesRows(torch.utils.data.Dataset):
         rng = random.Random(f"rows-{self.seed}-{index}")
         scene = sample_scene(world_seed)
         task = rng.choices(self.task_names, self.task_weights)[0]
+        pairs = scene.qa
         if task == "binding":
-            while not binding_questions(scene):
+            while not (pairs := binding_questions(scene)):
                 scene = sample_scene(rng.randrange(2**31))
         if task == "brief":
             question, answer = BRIEF_CAPTION_QUESTION, short_caption(scene)
@@ -271,7 +272,7 @@ class ShapesRows(torch.utils.data.Dataset):
             question = rng.choice([DETAILED_CAPTION_QUESTION, "Describe the image."])
             answer = detailed_caption(scene)
         else:
-            question, answer = rng.choice(binding_questions(scene) if task == "binding" else scene.qa)
+            question, answer = rng.choice(pairs)
         return {"image": scene.render(), "question": question, "answer": answer}
 
 
