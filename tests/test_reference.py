@@ -135,22 +135,40 @@ def test_cell_labels_name_each_cells_object():
         assert labels[cell, :3].tolist() == expected, (cell, obj)
 
 
+def _scene_of_picture(image) -> Scene:
+    """The scene back from its picture, by ShapeEval's detector (sizes do not change the questions)."""
+    cell = IMAGE_SIZE / GRID
+    scene = Scene(objects=[
+        ShapeObject(found.shape, found.colour, "small", *(int(found.center[axis] // cell) for axis in (1, 0)))
+        for found in detect_objects(image)
+    ])
+    scene.qa = questions(scene)
+    return scene
+
+
 def test_binding_rows_ask_binding_questions_of_scenes_of_different_objects():
     rows = reference.ShapesRows(60, "understanding", (("binding", 1.0),), seed=3)
-    kinds, cell = set(), IMAGE_SIZE / GRID
+    kinds = set()
     for index in range(len(rows)):
         row = rows[index]
-        # The scene back from its picture (sizes do not change the questions).
-        scene = Scene(objects=[
-            ShapeObject(found.shape, found.colour, "small", *(int(found.center[axis] // cell) for axis in (1, 0)))
-            for found in detect_objects(row["image"])
-        ])
-        scene.qa = questions(scene)
-        assert (row["question"], row["answer"]) in binding_questions(scene), row
+        assert (row["question"], row["answer"]) in binding_questions(_scene_of_picture(row["image"])), row
         kinds.add(row["question"].split(" ")[1])
     assert kinds == {"colour", "is", "many"}  # the colour of the <shape>, where is the <colour> <shape>, how many
     again = reference.ShapesRows(60, "understanding", (("binding", 1.0),), seed=3)[7]
     assert again["question"] == rows[7]["question"] and again["image"].tobytes() == rows[7]["image"].tobytes()
+
+
+def test_binding_rows_of_one_kind_ask_only_that_kind():
+    rows = reference.ShapesRows(90, "understanding", (("binding cell", 2.0), ("binding count", 1.0)), seed=5)
+    starts = []
+    for index in range(len(rows)):
+        row = rows[index]
+        assert (row["question"], row["answer"]) in binding_questions(_scene_of_picture(row["image"])), row
+        starts.append(" ".join(row["question"].split(" ")[:2]))
+    assert set(starts) == {"Where is", "How many"}
+    assert 40 <= starts.count("Where is") <= 80  # drawn 2 : 1
+    with pytest.raises(ValueError, match=r"Unknown understanding tasks \['binding size'\]"):
+        reference.ShapesRows(10, "understanding", (("question", 1.0), ("binding size", 1.0)))
 
 
 def test_recipe_refuses_a_used_folder_and_a_mismatched_partial_run(tmp_path):
@@ -224,3 +242,11 @@ def test_shipped_model_is_the_recipes_architecture_and_fits_the_package(shipped)
     assert size <= 40 * 2**20
     record = json.loads((reference.reference_model_path() / reference.TRAINING_LOG).read_text())
     assert record["train_seconds"] <= 90 * 60
+
+
+def test_reference_budget_names_only_known_understanding_tasks():
+    for stage in reference.REFERENCE_BUDGET.stages:
+        rows = reference.ShapesRows(8, "understanding", stage.tasks, seed=0)
+        with pytest.raises(IndexError):
+            rows[8]  # without it, `for row in rows` would never end
+        assert [bool(row["answer"]) for row in rows] == [True] * 8, stage.name

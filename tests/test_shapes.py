@@ -96,6 +96,18 @@ def test_binding_questions_are_those_that_find_an_object_among_different_ones():
         "Where is the red circle?": "top left",
         "Where is the green square?": "bottom right",
     }
+    assert binding_questions(scene_of(circle, square), ("cell",)) == [
+        ("Where is the red circle?", "top left"),
+        ("Where is the green square?", "bottom right"),
+    ]
+    assert dict(binding_questions(scene_of(circle, square), ("colour", "count"))) == {
+        "How many circles are there?": "one",
+        "What colour is the circle?": "red",
+        "How many squares are there?": "one",
+        "What colour is the square?": "green",
+    }
+    with pytest.raises(ValueError, match="Unknown binding question kinds.*'size'"):
+        binding_questions(scene_of(circle, square), ("cell", "size"))
     for scene in map(sample_scene, range(200)):
         assert set(binding_questions(scene)) <= set(scene.qa)
 

@@ -180,23 +180,29 @@ def questions(scene: Scene) -> list[tuple[str, str]]:
     return pairs
 
 
-# The questions that find an object by its shape (see `binding_questions`).
-BINDING_QUESTION_STARTS = ("What colour is the", "Where is the", "How many")
+# The questions that find an object by its shape (see `binding_questions`), by what they ask of it.
+BINDING_QUESTION_STARTS = {"colour": "What colour is the ", "cell": "Where is the ", "count": "How many "}
 
 
-def binding_questions(scene: Scene) -> list[tuple[str, str]]:
+def binding_questions(scene: Scene, kinds=tuple(BINDING_QUESTION_STARTS)) -> list[tuple[str, str]]:
     """
     The scene's questions that find objects by their shape and ask about them (the colour or cell of the <shape>, how
     many <shape>s), when the scene holds different objects, so that answering needs each object's attributes bound
     together. Empty for a scene of one object, or of copies of one, where every such question has the one object's
-    answer.
+    answer. `kinds` picks among "colour", "cell" and "count".
     """
+    unknown = set(kinds) - set(BINDING_QUESTION_STARTS)
+    if unknown:
+        raise ValueError(
+            f"Unknown binding question kinds {sorted(unknown)}; choose from {list(BINDING_QUESTION_STARTS)}."
+        )
     if len({(obj.shape, obj.colour) for obj in scene.objects}) < 2:
         return []
+    starts = tuple(BINDING_QUESTION_STARTS[kind] for kind in kinds)
     return [
         (question, answer)
         for question, answer in scene.qa
-        if question.startswith(BINDING_QUESTION_STARTS) and question != "How many shapes are there?"
+        if question.startswith(starts) and question != "How many shapes are there?"
     ]
 
 
