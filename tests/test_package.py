@@ -26,3 +26,15 @@ def test_public_names():
 
     for name in ["PiscesConfig", "PiscesModel", "PiscesForConditionalGeneration", "PiscesProcessor"]:
         assert hasattr(pisces, name)
+
+
+def test_distribution_metadata_names_its_license_authors_and_urls():
+    from importlib.metadata import metadata
+    from pathlib import Path
+
+    meta = metadata("pisces-hf")
+    assert meta["License-Expression"] == "Apache-2.0"
+    assert meta["Author"] or meta["Author-email"]
+    assert any(url.startswith("Paper, https://arxiv.org/abs/2506.10395") for url in meta.get_all("Project-URL"))
+    license_text = (Path(__file__).resolve().parents[1] / "LICENSE").read_text()
+    assert "Apache License" in license_text and "Version 2.0, January 2004" in license_text
