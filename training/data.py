@@ -6,13 +6,15 @@
   training samples, each in one direction: caption (image -> text, cross-entropy), question answering (image +
   question -> answer) or generation (text -> image vectors, MSE), with caption dropout on generation samples for
   classifier-free guidance. Bad rows (missing or unreadable image, empty text) are skipped and counted.
-- `PiscesCollator` builds the sequences of DESIGN.md section 1 with the processor: `<image>` placeholders, the
-  generation sequence `prompt <boi> <gen>*m <eoi>`, the labels, and `pixel_values` / `gen_pixel_values`.
+- `PiscesCollator` builds the sequences of DESIGN.md section 1 with the processor: conversations through its chat
+  template (labels on the tokens its `{% generation %}` blocks mark), the generation sequence
+  `prompt <boi> <gen>*m <eoi>`, and `pixel_values` / `gen_pixel_values`.
 """
 
 import io
 import json
 import random
+import re
 from pathlib import Path
 
 import PIL.Image
@@ -203,17 +205,24 @@ def load_row_image(image, index: int):
         return None
 
 
+# A `{% generation %}` block in a Jinja chat template: what the template marks as the assistant's own tokens.
+_GENERATION_BLOCK = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+
 class PiscesCollator:
     """
     Batches `PiscesTrainingDataset` samples into model inputs, right-padded.
 
-    - caption: `user: <image> {caption_prompt}` / `assistant: {caption}<|eot_id|>`, labels on the assistant turn.
-    - vqa: `user: <image> {question}` / `assistant: {answer}<|eot_id|>`, labels on the assistant turn.
+    - caption: the conversation `user: <image> {caption_prompt}` / `assistant: {caption}`, rendered by the processor's
+      chat template; the labels are the assistant's tokens as the template marks them with `{% generation %}`, which
+      include its end of turn (`<|eot_id|>` in Llama 3's template, `<|im_end|>` in ChatML).
+    - vqa: `user: <image> {question}` / `assistant: {answer}`, labelled the same way.
     - generation: `processor.format_generation_sequence(text)` = `prompt <boi> <gen>*m <eoi>` with the image as
       `gen_images`; the only label is `<eoi>` (the image vectors are supervised by `gen_loss`).
 
     Args:
-        processor ([`PiscesProcessor`]): tokenizer and image processors of the checkpoint.
+        processor ([`PiscesProcessor`]): tokenizer and image processors of the checkpoint. Its chat template must mark
+            the assistant's turns with `{% generation %}` ... `{% endgeneration %}`, as Pisces' templates do.
         caption_prompt: the instruction of caption samples.
         max_length: optional truncation length; a sample whose placeholders would be cut raises.
         report_skipped: add `SKIPPED_ROWS_KEY` (the number of bad rows skipped) to the batch; `PiscesTrainer` pops
@@ -225,61 +234,92 @@ class PiscesCollator:
 
     def __init__(self, processor, caption_prompt: str = DEFAULT_CAPTION_PROMPT, max_length: int | None = None,
                  report_skipped: bool = True):
+        template = getattr(processor, "chat_template", None)
+        if not isinstance(template, str) or not _GENERATION_BLOCK.search(template):
+            raise ValueError(
+                "The processor's chat template does not mark the assistant's turns with {% generation %} ... "
+                "{% endgeneration %}, so the training labels cannot be taken from it. Wrap the assistant's content "
+                "and its end-of-turn token in such a block (as pisces.processing.CHAT_TEMPLATE does) and set it as "
+                "`processor.chat_template`."
+            )
         self.processor = processor
         self.caption_prompt = caption_prompt
         self.max_length = max_length
         self.report_skipped = report_skipped
 
-    def _understanding_text(self, question: str) -> str:
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-        return self.processor.apply_chat_template(messages, add_generation_prompt=True)
+    def _processor_kwargs(self) -> dict:
+        if self.max_length is None:
+            return {}
+        return {"truncation": True, "max_length": self.max_length}
+
+    def _understanding_row(self, image, question: str, answer: str) -> tuple[dict, torch.Tensor]:
+        """One conversation through the processor's chat template: its inputs, and its labels from the template."""
+        messages = [
+            {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]},
+            {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+        ]
+        encoded = self.processor.apply_chat_template(
+            messages,
+            tokenize=True,
+            return_dict=True,
+            return_assistant_tokens_mask=True,
+            return_tensors="pt",
+            processor_kwargs=self._processor_kwargs(),
+        )
+        input_ids = encoded["input_ids"][0]
+        assistant = torch.as_tensor(encoded["assistant_masks"][0]).bool()
+        truncated = self.max_length is not None and len(input_ids) >= self.max_length
+        if not assistant.any() and not truncated:
+            raise ValueError(
+                f"The chat template marked no token of the answer {answer!r} as the assistant's; its "
+                "{% generation %} block must hold the assistant's content."
+            )
+        return encoded, torch.where(assistant, input_ids, -100)
+
+    def _generation_row(self, image, text: str) -> tuple[dict, torch.Tensor]:
+        """`prompt <boi> <gen>*m <eoi>`: only <eoi> is a text target; the vectors are supervised by gen_loss."""
+        processor = self.processor
+        encoded = processor(
+            text=[processor.format_generation_sequence(text)],
+            gen_images=[[image]],
+            return_tensors="pt",
+            **self._processor_kwargs(),
+        )
+        input_ids = encoded["input_ids"][0]
+        return encoded, torch.where(input_ids == processor.eoi_token_id, input_ids, -100)
 
     def __call__(self, samples: list[dict]) -> dict:
-        processor = self.processor
-        eot = "<|eot_id|>"
-        texts, targets_from, images, gen_images = [], [], [], []
+        rows, pixel_values, gen_pixel_values = [], [], []
         for sample in samples:
-            task = sample["task"]
-            if task == "generation":
-                texts.append(processor.format_generation_sequence(sample["text"]))
-                targets_from.append(None)
-                images.append([])
-                gen_images.append([sample["image"]])
-                continue
-            question, answer = (
-                (self.caption_prompt, sample["text"]) if task == "caption" else (sample["question"], sample["answer"])
-            )
-            prompt = self._understanding_text(question)
-            texts.append(prompt + answer + eot)
-            targets_from.append(len(prompt))
-            images.append([sample["image"]])
-            gen_images.append([])
-
-        encoded = processor(
-            text=texts,
-            images=images if any(images) else None,
-            gen_images=gen_images if any(gen_images) else None,
-            padding=True,
-            padding_side="right",
-            truncation=self.max_length is not None,
-            max_length=self.max_length,
-            return_offsets_mapping=True,
-            return_tensors="pt",
-        )
-        input_ids, offsets = encoded["input_ids"], encoded.pop("offset_mapping")
-        labels = torch.full_like(input_ids, -100)
-        for row, start in enumerate(targets_from):
-            if start is None:
-                # Generation: only <eoi> is a text target; the vectors before it are supervised by gen_loss.
-                keep = input_ids[row] == processor.eoi_token_id
+            if sample["task"] == "generation":
+                encoded, labels = self._generation_row(sample["image"], sample["text"])
+                gen_pixel_values.append(encoded["gen_pixel_values"])
             else:
-                # Understanding: the assistant's answer (character offsets refer to the unexpanded text).
-                keep = (offsets[row, :, 0] >= start) & (offsets[row, :, 1] > offsets[row, :, 0])
-            labels[row, keep] = input_ids[row, keep]
-        labels[encoded["attention_mask"] == 0] = -100
+                question, answer = (
+                    (self.caption_prompt, sample["text"]) if sample["task"] == "caption"
+                    else (sample["question"], sample["answer"])
+                )
+                encoded, labels = self._understanding_row(sample["image"], question, answer)
+                pixel_values.append(encoded["pixel_values"])
+            rows.append((encoded["input_ids"][0], encoded["attention_mask"][0], labels))
 
-        batch = {key: encoded[key] for key in ("input_ids", "attention_mask", "pixel_values", "gen_pixel_values")
-                 if key in encoded}
+        tokenizer = self.processor.tokenizer
+        pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        length = max(len(input_ids) for input_ids, _, _ in rows)
+        input_ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+        labels = torch.full((len(rows), length), -100, dtype=torch.long)
+        for row, (ids, mask, row_labels) in enumerate(rows):
+            input_ids[row, : len(ids)] = ids
+            attention_mask[row, : len(ids)] = mask
+            labels[row, : len(ids)] = row_labels
+        labels[attention_mask == 0] = -100
+
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if pixel_values:
+            batch["pixel_values"] = torch.cat(pixel_values)
+        if gen_pixel_values:
+            batch["gen_pixel_values"] = torch.cat(gen_pixel_values)
         batch["labels"] = labels
         if self.report_skipped:
             batch[SKIPPED_ROWS_KEY] = torch.tensor(sum(sample.get(SKIPPED_ROWS_KEY, 0) for sample in samples))
