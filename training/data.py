@@ -20,6 +20,7 @@ from pathlib import Path
 import PIL.Image
 import torch
 from transformers.utils import logging
+from transformers.utils.chat_template_utils import render_jinja_template
 
 from pisces.processing.processing_pisces import to_rgb_image
 
@@ -253,21 +254,39 @@ class PiscesCollator:
         return {"truncation": True, "max_length": self.max_length}
 
     def _understanding_row(self, image, question: str, answer: str) -> tuple[dict, torch.Tensor]:
-        """One conversation through the processor's chat template: its inputs, and its labels from the template."""
+        """
+        One conversation through the processor's chat template: its inputs, and as labels the tokens that overlap the
+        template's `{% generation %}` spans. This is what `apply_chat_template(return_assistant_tokens_mask=True)`
+        does on transformers 5.24; 5.17 drops a span whose first character falls inside a token (a template that
+        writes `"A: "` before its generation block), so the spans are matched here, the same way on every version.
+        """
+        processor = self.processor
         messages = [
-            {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]},
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]},
             {"role": "assistant", "content": [{"type": "text", "text": answer}]},
         ]
-        encoded = self.processor.apply_chat_template(
-            messages,
-            tokenize=True,
-            return_dict=True,
+        (text,), (spans,) = render_jinja_template(
+            conversations=[messages],
+            chat_template=processor.chat_template,
             return_assistant_tokens_mask=True,
-            return_tensors="pt",
-            processor_kwargs=self._processor_kwargs(),
+            **processor.tokenizer.special_tokens_map,
         )
-        input_ids = encoded["input_ids"][0]
-        assistant = torch.as_tensor(encoded["assistant_masks"][0]).bool()
+        bos = processor.tokenizer.bos_token
+        encoded = processor(
+            text=[text],
+            images=[[image]],
+            return_offsets_mapping=True,
+            # As `apply_chat_template` does: a template that writes the BOS itself gets no second one.
+            add_special_tokens=not (bos is not None and text.startswith(bos)),
+            return_tensors="pt",
+            **self._processor_kwargs(),
+        )
+        input_ids, offsets = encoded["input_ids"][0], encoded.pop("offset_mapping")[0]
+        begins, ends = offsets[:, 0], offsets[:, 1]
+        assistant = torch.zeros_like(input_ids, dtype=torch.bool)
+        for span_begin, span_end in spans:
+            # Character offsets refer to the rendered text; zero-width tokens (added specials) never match.
+            assistant |= (begins < span_end) & (ends > span_begin) & (ends > begins)
         truncated = self.max_length is not None and len(input_ids) >= self.max_length
         if not assistant.any() and not truncated:
             raise ValueError(
