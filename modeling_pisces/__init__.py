@@ -5,7 +5,7 @@ transformers Auto classes, the transformers `text-to-image` task and diffusers' 
 registration is idempotent, so importing twice or reloading raises nothing.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
 from transformers.pipelines import PIPELINE_REGISTRY
 from transformers.utils import logging as transformers_logging
 
@@ -25,7 +25,7 @@ finally:
 from transformers import PreTrainedModel, ProcessorMixin  # noqa: F401
 
 from .configuration_pisces import PiscesConfig
-from .lora_defaults import register_lora_defaults
+from .lora_defaults import default_lora_config, register_lora_defaults
 from .modeling_pisces import (
     PiscesCausalLMOutputWithPast,
     PiscesForConditionalGeneration,
@@ -42,8 +42,11 @@ __version__ = "0.1.0"
 AutoConfig.register(PiscesConfig.model_type, PiscesConfig, exist_ok=True)
 AutoModel.register(PiscesConfig, PiscesModel, exist_ok=True)
 AutoModelForImageTextToText.register(PiscesConfig, PiscesForConditionalGeneration, exist_ok=True)
+# As transformers does for Gemma 3: the text-generating class under AutoModelForCausalLM too, which is what
+# AutoPeftModelForCausalLM loads an adapter's base model with.
+AutoModelForCausalLM.register(PiscesConfig, PiscesForConditionalGeneration, exist_ok=True)
 AutoProcessor.register(PiscesConfig, PiscesProcessor, exist_ok=True)
-register_lora_defaults()  # PEFT: LoRA on the language model only, projectors and heads saved whole
+register_lora_defaults()  # PEFT: LoRA targets the language model only; default_lora_config adds the rest
 AUTO_TEXT2IMAGE_PIPELINES_MAPPING[PiscesConfig.model_type] = PiscesPipeline
 # Registering a task again logs an "overwriting" warning; a reload re-registers only if the class changed.
 if PIPELINE_REGISTRY.supported_tasks.get("text-to-image", {}).get("impl") is not PiscesTextToImagePipeline:
@@ -63,4 +66,5 @@ __all__ = [
     "PiscesTextToImagePipeline",
     "decoder_conditioning",
     "decoder_input",
+    "default_lora_config",
 ]

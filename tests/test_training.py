@@ -1,4 +1,5 @@
-"""Training the LLM side: data and collator, stage presets, the Trainer, the `pisces train` command, resume, LoRA."""
+"""Training the LLM side: data and collator, stage presets, the Trainer, the `pisces train` command, resume (LoRA: see
+test_peft.py)."""
 
 import json
 import re
@@ -334,86 +335,6 @@ def test_train_command_errors_are_one_line(image_folder, tiny_checkpoint, tmp_pa
     assert main(train_argv(tiny_checkpoint, tmp_path / "nowhere", tmp_path / "out", "--max-steps", "1")) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith(f"pisces: error: could not load the data {tmp_path / 'nowhere'}"), err
-
-
-# ---- LoRA ---------------------------------------------------------------------------------------------------------
-
-
-def test_lora_defaults_target_the_language_model_only(tiny_checkpoint):
-    from peft import LoraConfig, get_peft_model
-
-    model = fresh_model(tiny_checkpoint)
-    config = model.config
-    peft_model = get_peft_model(model, LoraConfig(r=8))
-    trainable = {name for name, p in peft_model.named_parameters() if p.requires_grad}
-    prefix = "base_model.model."
-    expected = {
-        f"{prefix}model.language_model.layers.{layer}.{block}.{proj}.lora_{ab}.default.weight"
-        for layer in (0, 1)
-        for block, projs in (("self_attn", ("q", "k", "v", "o")), ("mlp", ("gate", "up", "down")))
-        for proj in (f"{name}_proj" for name in projs)
-        for ab in ("A", "B")
-    }
-    expected |= {
-        f"{prefix}{module}.modules_to_save.default.linear_{i}.{kind}"
-        for module in ("model.und_projector", "model.gen_projector", "gen_head")
-        for i in (1, 2)
-        for kind in ("weight", "bias")
-    }
-    expected |= {f"{prefix}lm_head.modules_to_save.default.weight"}
-    expected |= {f"{prefix}model.language_model.embed_tokens.token_adapter.trainable_tokens_delta.default"}
-    assert trainable == expected
-    assert not [name for name, _ in peft_model.named_modules() if "vision_tower" in name and "lora" in name]
-    special = sorted([config.image_token_id, config.boi_token_id, config.eoi_token_id, config.gen_token_id])
-    assert peft_model.peft_config["default"].trainable_token_indices == {"embed_tokens": special}
-    # What the user sets wins over the defaults.
-    mine = LoraConfig(r=4, target_modules=["gen_head.linear_1"], modules_to_save=[])
-    other = get_peft_model(fresh_model(tiny_checkpoint), mine)
-    assert {n for n, p in other.named_parameters() if p.requires_grad} >= {
-        "base_model.model.gen_head.linear_1.lora_A.default.weight"
-    }
-    assert not [n for n, p in other.named_parameters() if p.requires_grad and "modules_to_save" in n]
-
-
-def test_lora_training_round_trips_and_merges(image_folder, processor, tiny_checkpoint, tmp_path):
-    from peft import PeftModel
-    from safetensors.torch import load_file
-    from transformers import AutoModelForImageTextToText
-
-    from pisces.training.cli import main
-    from pisces.training.data import PiscesCollator, PiscesTrainingDataset, load_image_folder
-
-    out = tmp_path / "lora"
-    argv = train_argv(tiny_checkpoint, image_folder, out, "--max-steps", "3", "--lora", "--gradient-checkpointing")
-    assert main(argv) == 0
-    adapter = load_file(out / "adapter" / "adapter_model.safetensors")
-    # Gradients reached the adapters through gradient checkpointing: every lora_B moved from its zero start.
-    lora_b = [key for key in adapter if "lora_B" in key]
-    assert len(lora_b) == 14 and all(adapter[key].abs().sum() > 0 for key in lora_b)
-
-    base = fresh_model(tiny_checkpoint).eval()
-    peft_model = PeftModel.from_pretrained(base, out / "adapter").eval()
-    merged = AutoModelForImageTextToText.from_pretrained(out).eval()
-    samples = PiscesTrainingDataset(load_image_folder(image_folder), caption_dropout=0.0)
-    batch = PiscesCollator(processor, report_skipped=False)([samples[i] for i in range(4)])
-    with torch.no_grad():
-        adapted, merged_out = peft_model(**batch), merged(**batch)
-    # Merging adds B @ A into the weights: the same function up to float rounding.
-    torch.testing.assert_close(merged_out.logits, adapted.logits, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(merged_out.gen_loss, adapted.gen_loss, atol=1e-5, rtol=1e-5)
-
-    # Saving the loaded adapter again gives the same tensors, exactly.
-    peft_model.save_pretrained(tmp_path / "again")
-    again = load_file(tmp_path / "again" / "adapter_model.safetensors")
-    assert adapter.keys() == again.keys() and all(torch.equal(adapter[key], again[key]) for key in adapter)
-    # The special-token rows trained; every other embedding row of the merged checkpoint is the base model's.
-    config = base.config
-    fresh = fresh_model(tiny_checkpoint).get_input_embeddings().weight
-    merged_embed = merged.get_input_embeddings().weight
-    special = [config.image_token_id, config.boi_token_id, config.eoi_token_id, config.gen_token_id]
-    others = [i for i in range(config.text_config.vocab_size) if i not in special]
-    assert torch.equal(merged_embed[others], fresh[others])
-    assert not torch.equal(merged_embed[config.boi_token_id], fresh[config.boi_token_id])
 
 
 # ---- several processes ------------------------------------------------------------------------------------------

@@ -33,13 +33,26 @@ def _model_folder(model: str | None) -> str:
         raise CommandError(f"no --model given: {error}") from error
 
 
+def _checkpoint_folder(path: str) -> Path:
+    """
+    `path` as an absolute folder: the model then records where it came from (`name_or_path`, which a PEFT adapter
+    saves as `base_model_name_or_path`) in a form that loads from any working directory.
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise CommandError(f"model folder not found: {path}")
+    if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
+        merged = folder / LORA_MERGED_FOLDER
+        hint = f"; its merged checkpoint is {merged}" if merged.is_dir() else ""
+        raise CommandError(f"{path} is a LoRA adapter (load it with peft.PeftModel on its base model){hint}")
+    return folder.resolve()
+
+
 def _load_checkpoint(path: str):
     import pisces  # noqa: F401  (registers the Auto classes)
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
-    folder = Path(path)
-    if not folder.is_dir():
-        raise CommandError(f"model folder not found: {path}")
+    folder = _checkpoint_folder(path)
     if not (folder / "config.json").is_file():
         raise CommandError(f"{path} is not a Pisces checkpoint: it has no config.json")
     try:
@@ -101,9 +114,7 @@ def _load_pipeline(path: str):
     import pisces  # noqa: F401  (registers the pipeline)
     from pisces import PiscesPipeline
 
-    folder = Path(path)
-    if not folder.is_dir():
-        raise CommandError(f"model folder not found: {path}")
+    folder = _checkpoint_folder(path)
     if not (folder / "model_index.json").is_file():
         raise CommandError(
             f"{path} is not a Pisces pipeline checkpoint: it has no model_index.json (a folder with only the LLM can "
@@ -278,10 +289,13 @@ def train(args) -> None:
     rows = _load_rows(args.data, args.split)
     stage = args.stage
     if args.lora:
-        from peft import LoraConfig, get_peft_model
+        from peft import get_peft_model
+        from transformers import set_seed
 
-        # Targets, modules to save and special-token rows come from the defaults `import pisces` registers.
-        model = get_peft_model(model, LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha))
+        from pisces import default_lora_config
+
+        set_seed(args.seed)  # LoRA's A matrices start random: the same --seed, the same adapter
+        model = get_peft_model(model, default_lora_config(model, r=args.lora_rank, lora_alpha=args.lora_alpha))
         stage = None
     try:
         trainer = build_trainer(
@@ -293,23 +307,28 @@ def train(args) -> None:
         raise CommandError(str(error)) from error
     trainer.train(resume_from_checkpoint=True if args.resume else None)
 
-    if args.lora:
-        if trainer.is_world_process_zero():
-            model = trainer.accelerator.unwrap_model(trainer.model)
-            model.save_pretrained(out / "adapter")
-            model.merge_and_unload().save_pretrained(out)
-            processor.save_pretrained(out)
-    else:
-        # On every process: under FSDP or ZeRO-3 the Trainer gathers the shards into one checkpoint.
-        trainer.save_model(str(out))
+    # On every process: under FSDP or ZeRO-3 the Trainer gathers the shards into one checkpoint. A PEFT model saves
+    # its adapter (adapter_config.json, adapter_model.safetensors), as the Trainer's checkpoint-* folders do.
+    trainer.save_model(str(out))
     if not trainer.is_world_process_zero():
         return
     (out / "training_args.bin").unlink(missing_ok=True)  # a pickle; the checkpoint folder holds safetensors only
+    checkpoint = out
+    if args.lora:
+        # The adapter stays at the root, where PEFT looks for it; the merged model is a complete checkpoint beside it
+        # (not at the root too: transformers would load the adapter again on top of the merged weights).
+        checkpoint = out / LORA_MERGED_FOLDER
+        trainer.accelerator.unwrap_model(trainer.model).merge_and_unload().save_pretrained(checkpoint)
+        processor.save_pretrained(checkpoint)
     if pipe is not None:
-        pipe.save_components(out)  # the decoder, the VAE and the scheduler did not train: carried over
+        pipe.save_components(checkpoint)  # the decoder, the VAE and the scheduler did not train: carried over
     last = next((log for log in reversed(trainer.state.log_history) if "loss" in log), {})
     losses = ", ".join(f"{key} {last[key]:.4f}" for key in ("loss", "lm_loss", "gen_loss") if key in last)
-    print(f"trained {trainer.state.global_step} steps ({losses}); wrote the checkpoint to {out}")
+    if args.lora:
+        print(f"trained {trainer.state.global_step} steps ({losses}); wrote the LoRA adapter to {out} and the merged "
+              f"checkpoint to {checkpoint}")
+    else:
+        print(f"trained {trainer.state.global_step} steps ({losses}); wrote the checkpoint to {out}")
 
 
 def train_decoder(args) -> None:
@@ -348,6 +367,8 @@ def train_reference(args) -> None:
 
 
 REFERENCE_RECIPES = ("joint", "generation-only")
+# `pisces train --lora --out RUN`: the adapter at RUN, the merged checkpoint in RUN/merged.
+LORA_MERGED_FOLDER = "merged"
 MODEL_HELP = "a Pisces checkpoint folder (default: the reference model shipped with pisces-hf)"
 
 
@@ -432,7 +453,11 @@ def build_parser() -> argparse.ArgumentParser:
     train_cmd.add_argument("--learning-rate", type=float, help="default: the stage's")
     train_cmd.add_argument("--generation-ratio", type=float, default=0.5, help="share of rows used for text-to-image")
     train_cmd.add_argument("--caption-dropout", type=float, default=0.1, help="empty prompt on this share of them")
-    train_cmd.add_argument("--lora", action="store_true", help="LoRA on the language model (PEFT defaults)")
+    train_cmd.add_argument(
+        "--lora", action="store_true",
+        help="LoRA on the language model (pisces.default_lora_config): the PEFT adapter in --out, the merged "
+        "checkpoint in --out/merged",
+    )
     train_cmd.add_argument("--lora-rank", type=int, default=8)
     train_cmd.add_argument("--lora-alpha", type=int, default=16)
     train_cmd.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
