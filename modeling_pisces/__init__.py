@@ -6,22 +6,10 @@ registration is idempotent, so importing twice or reloading raises nothing.
 """
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
-from transformers.pipelines import PIPELINE_REGISTRY
-from transformers.utils import logging as transformers_logging
-
-
-# diffusers' auto-pipeline module imports CLIP and SigLIP image processors by their torchvision names, which warns on
-# machines without torchvision. Pisces names its own PIL backends (DESIGN.md section 4), so that warning is noise here.
-_verbosity = transformers_logging.get_verbosity()
-transformers_logging.set_verbosity_error()
-try:
-    from diffusers.pipelines.auto_pipeline import AUTO_TEXT2IMAGE_PIPELINES_MAPPING
-finally:
-    transformers_logging.set_verbosity(_verbosity)
 
 # diffusers loads a `model_index.json` component such as ["pisces", "PiscesForConditionalGeneration"] by checking it
-# against the base classes it knows, looked up by name in the component's library (the top-level package in some
-# diffusers versions, the defining module in others): they must be importable from `pisces` too.
+# against the base classes it knows, looked up by name in the component's library (`register_pipelines` names
+# `pisces` one; checkpoints written before name the defining module): they must be importable from `pisces` too.
 from transformers import PreTrainedModel, ProcessorMixin  # noqa: F401
 
 from .configuration_pisces import PiscesConfig
@@ -34,7 +22,13 @@ from .modeling_pisces import (
     PiscesPreTrainedModel,
 )
 from pisces.processing import PiscesProcessor
-from pisces.pipelines import PiscesPipeline, PiscesTextToImagePipeline, decoder_conditioning, decoder_input
+from pisces.pipelines import (
+    PiscesPipeline,
+    PiscesTextToImagePipeline,
+    decoder_conditioning,
+    decoder_input,
+    register_pipelines,
+)
 
 
 __version__ = "0.1.0"
@@ -47,12 +41,8 @@ AutoModelForImageTextToText.register(PiscesConfig, PiscesForConditionalGeneratio
 AutoModelForCausalLM.register(PiscesConfig, PiscesForConditionalGeneration, exist_ok=True)
 AutoProcessor.register(PiscesConfig, PiscesProcessor, exist_ok=True)
 register_lora_defaults()  # PEFT: LoRA targets the language model only; default_lora_config adds the rest
-AUTO_TEXT2IMAGE_PIPELINES_MAPPING[PiscesConfig.model_type] = PiscesPipeline
-# Registering a task again logs an "overwriting" warning; a reload re-registers only if the class changed.
-if PIPELINE_REGISTRY.supported_tasks.get("text-to-image", {}).get("impl") is not PiscesTextToImagePipeline:
-    PIPELINE_REGISTRY.register_pipeline(
-        "text-to-image", pipeline_class=PiscesTextToImagePipeline, pt_model=AutoModelForImageTextToText, type="multimodal"
-    )
+# diffusers: DiffusionPipeline.from_pretrained and AutoPipelineForText2Image; transformers: the text-to-image task.
+register_pipelines()
 
 __all__ = [
     "PiscesConfig",

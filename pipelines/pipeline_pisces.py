@@ -10,6 +10,7 @@ import inspect
 import json
 import math
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -17,17 +18,23 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DiffusionPipeline, ImagePipelineOutput, UNet2DConditionModel
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.schedulers import KarrasDiffusionSchedulers
-from diffusers.utils.torch_utils import randn_tensor
+from diffusers.utils import logging
+from diffusers.utils.torch_utils import get_module_execution_device, randn_tensor
 
 from pisces.modeling_pisces import PiscesForConditionalGeneration
 from pisces.processing import PiscesProcessor
 
 
+logger = logging.get_logger(__name__)
+
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 # The components saved in sub-folders; the model and the processor live at the checkpoint root.
 SUBFOLDER_COMPONENTS = ("decoder", "vae", "scheduler")
+# diffusers' name for the group-offloading hook in a module's hook registry (`diffusers.hooks.group_offloading`).
+GROUP_OFFLOADING_HOOK = "group_offloading"
 
 
 def decoder_conditioning(decoder: UNet2DConditionModel, image_embeds: torch.Tensor) -> dict:
@@ -79,8 +86,32 @@ def decoder_input(decoder: UNet2DConditionModel, latents: torch.Tensor, image_em
     return torch.cat([latents, grid], dim=1)
 
 
+def retrieve_timesteps(
+    scheduler, num_inference_steps: int, device, timesteps: list[int] | None = None, sigmas: list[float] | None = None
+) -> tuple[torch.Tensor, int]:
+    """
+    Sets the scheduler's timesteps (`num_inference_steps` of them, or the custom `timesteps` or `sigmas`) and returns
+    them with the number of inference steps, as diffusers' Stable Diffusion pipelines do. Written here because
+    importing it from `diffusers.pipelines.stable_diffusion` would import that pipeline's CLIP image processors too.
+    """
+    custom = {name: value for name, value in (("timesteps", timesteps), ("sigmas", sigmas)) if value is not None}
+    if len(custom) > 1:
+        raise ValueError("Pass `timesteps` or `sigmas`, not both.")
+    if custom:
+        (name, value), = custom.items()
+        if name not in inspect.signature(scheduler.set_timesteps).parameters:
+            raise ValueError(
+                f"{type(scheduler).__name__}.set_timesteps takes no custom `{name}`; use a scheduler that does "
+                "(e.g. EulerDiscreteScheduler), or `num_inference_steps`."
+            )
+        scheduler.set_timesteps(**{name: value}, device=device)
+        return scheduler.timesteps, len(scheduler.timesteps)
+    scheduler.set_timesteps(num_inference_steps, device=device)
+    return scheduler.timesteps, num_inference_steps
+
+
 def _check_component_folder(folder: Path, name: str, weights: bool) -> None:
-    """Fails early, naming the folder, when a sub-folder component is missing or unreadable."""
+    """Fails early, naming the folder, when a sub-folder component is missing, unreadable or pickled."""
     from safetensors import safe_open
 
     if not folder.is_dir():
@@ -96,16 +127,61 @@ def _check_component_folder(folder: Path, name: str, weights: bool) -> None:
             json.loads(config.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise OSError(f"The {name} config {config} is corrupt: {error}.") from error
-    if weights:
-        files = list(folder.glob("*.safetensors"))
-        if not files:
-            raise OSError(f"The `{name}/` folder ({folder}) has no .safetensors weights.")
-        for file in files:
-            try:
-                with safe_open(file, framework="pt") as handle:
-                    handle.keys()
-            except Exception as error:  # safetensors raises its own error types for a bad header or size
-                raise OSError(f"The {name} weights {file} are corrupt or truncated: {error}.") from error
+    if not weights:
+        return
+    files = list(folder.glob("*.safetensors"))
+    if not files:
+        pickled = sorted(path.name for path in folder.glob("*.bin"))
+        if pickled:
+            raise OSError(
+                f"The `{name}/` folder ({folder}) holds pickled weights only ({', '.join(pickled)}, written with "
+                "safe_serialization=False). Pisces loads safetensors only and never unpickles a checkpoint: save it "
+                f"again with safe_serialization=True, or load the {name} yourself and pass `{name}=`."
+            )
+        raise OSError(f"The `{name}/` folder ({folder}) has no .safetensors weights.")
+    for file in files:
+        try:
+            with safe_open(file, framework="pt") as handle:
+                handle.keys()
+        except Exception as error:  # safetensors raises its own error types for a bad header or size
+            raise OSError(f"The {name} weights {file} are corrupt or truncated: {error}.") from error
+
+
+def _has_root_variant(folder: Path, variant: str) -> bool:
+    """Whether the model at the checkpoint root was saved in `variant` (`model.<variant>.safetensors`, or shards
+    `model.<variant>-00001-of-0000n.safetensors`)."""
+    return any(folder.glob(f"model.{variant}.safetensors")) or any(folder.glob(f"model.{variant}-*.safetensors"))
+
+
+def _save_component(component, folder: Path, **options) -> None:
+    """Saves a component with the options its `save_pretrained` takes, as `DiffusionPipeline.save_pretrained` does
+    (transformers models always write safetensors and take no `safe_serialization`; schedulers take no `variant`)."""
+    parameters = inspect.signature(component.save_pretrained).parameters
+    component.save_pretrained(folder, **{k: v for k, v in options.items() if k in parameters and v is not None})
+
+
+@contextmanager
+def run_offload_hooks(module: torch.nn.Module):
+    """
+    Runs `module`'s offloading hooks around a call that does not go through `module.forward`, such as the model's
+    `generate_image_embeddings`. accelerate's hooks (`enable_model_cpu_offload`) and diffusers' group offloading move
+    weights to the accelerator in a pre-forward hook on the module that is called; diffusers' own VAE methods
+    (`decode`) trigger it with `apply_forward_hook`. The model's methods call its sub-modules, not its forward, so
+    without this the top-level hook never fires and the weights stay on the CPU. Leaf-level hooks
+    (`enable_sequential_cpu_offload`, leaf-level group offloading) fire by themselves.
+    """
+    accelerate_hook = getattr(module, "_hf_hook", None)
+    if accelerate_hook is not None and hasattr(accelerate_hook, "pre_forward"):
+        accelerate_hook.pre_forward(module)
+    registry = getattr(module, "_diffusers_hook", None)
+    group_hook = registry.get_hook(GROUP_OFFLOADING_HOOK) if registry is not None else None
+    if group_hook is not None:
+        group_hook.pre_forward(module)
+    try:
+        yield
+    finally:
+        if group_hook is not None:
+            group_hook.post_forward(module, None)
 
 
 class PiscesPipeline(DiffusionPipeline):
@@ -118,15 +194,18 @@ class PiscesPipeline(DiffusionPipeline):
     vectors of that image are decoded (image variation, and the check of a trained decoder).
 
     Args:
-        model ([`PiscesForConditionalGeneration`]): the LLM with both encoders and the generation head.
-        processor ([`PiscesProcessor`]): tokenizer and image processors.
-        decoder ([`UNet2DConditionModel`]): the denoiser; cross-attends to the generation vectors.
+        model ([`PiscesForConditionalGeneration`], *optional*): the LLM with both encoders and the generation head.
+            Without it (and the processor) the pipeline decodes given `image_embeds` only.
+        processor ([`PiscesProcessor`], *optional*): tokenizer and image processors.
+        decoder ([`UNet2DConditionModel`]): the denoiser; cross-attends to the generation vectors. A pipeline with only
+            `model` and `processor` (`decoder=None`, `scheduler=None`) can still `encode_prompt` and `encode_image`.
         scheduler ([`SchedulerMixin`]): any diffusers scheduler (DDPM, DDIM, Euler, FlowMatchEuler, ...).
-        vae ([`AutoencoderKL`], *optional*): the latent space; without it the decoder works in pixels.
+        vae ([`AutoencoderKL`], *optional*): the latent space; without it the decoder works in pixels and must output
+            3 channels.
     """
 
     model_cpu_offload_seq = "model->decoder->vae"
-    _optional_components = ["vae"]
+    _optional_components = ["model", "processor", "vae"]
     _callback_tensor_inputs = ["latents", "image_embeds"]
 
     def __init__(
@@ -139,8 +218,33 @@ class PiscesPipeline(DiffusionPipeline):
     ):
         super().__init__()
         self.register_modules(model=model, processor=processor, decoder=decoder, scheduler=scheduler, vae=vae)
-        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
+        self.check_decoder_output()
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        # A property, not a value fixed at construction: components can be swapped (`pipe.vae = None`).
+        vae = getattr(self, "vae", None)
+        return 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
+
+    def check_decoder_output(self) -> None:
+        """Refuses a decoder whose output the pipeline cannot turn into an image: without a VAE it must output RGB
+        pixels (3 channels), with one it must output the VAE's latent channels."""
+        decoder, vae = getattr(self, "decoder", None), getattr(self, "vae", None)
+        if decoder is None:
+            return
+        out_channels = decoder.config.out_channels
+        if vae is None and out_channels != 3:
+            raise ValueError(
+                f"The decoder outputs {out_channels} channels, but there is no VAE to decode them: without a VAE the "
+                "decoder works in pixel space and must output 3 (RGB). Pass the VAE whose latents it denoises "
+                "(`vae=`), or a pixel-space decoder."
+            )
+        if vae is not None and out_channels != vae.config.latent_channels:
+            raise ValueError(
+                f"The decoder outputs {out_channels} channels, but the VAE decodes {vae.config.latent_channels}; "
+                "pass the VAE the decoder was trained with."
+            )
 
     # ---- one folder shared with transformers ----
 
@@ -148,40 +252,54 @@ class PiscesPipeline(DiffusionPipeline):
         self,
         save_directory: str | os.PathLike,
         safe_serialization: bool = True,
+        variant: str | None = None,
         max_shard_size: int | str | None = None,
+        push_to_hub: bool = False,
         **kwargs,
     ) -> None:
         """
         Writes the one-folder checkpoint: the model and the processor at the root (where `AutoModel*` and
-        `AutoProcessor` read them), `model_index.json`, and `decoder/`, `vae/` (if any), `scheduler/`.
+        `AutoProcessor` read them), `model_index.json`, and `decoder/`, `vae/` (if any), `scheduler/`. A component
+        that is `None` is not written and stays `None` when loaded.
 
         Args:
             save_directory: the folder; created if missing.
-            safe_serialization: must be `True`; Pisces writes safetensors only.
-            max_shard_size: shard size of the model's weights (e.g. `"5GB"`), as in transformers.
+            safe_serialization: passed, as by `DiffusionPipeline.save_pretrained`, to the components that take it (the
+                decoder and the VAE; `False` writes them pickled, which `from_pretrained` then refuses to read). The
+                model at the root is always written as safetensors.
+            variant: writes every component's weights as `<name>.<variant>.safetensors` (e.g. `model.fp16.safetensors`,
+                `decoder/diffusion_pytorch_model.fp16.safetensors`); load them with `from_pretrained(variant=...)`.
+            max_shard_size: shard size of the weights (e.g. `"5GB"`), as in transformers and diffusers.
         """
-        if not safe_serialization:
-            raise ValueError("Pisces checkpoints are written as safetensors only; drop safe_serialization=False.")
-        if kwargs.get("push_to_hub"):
+        if push_to_hub:
             raise NotImplementedError("Save to a folder, then upload it with `huggingface_hub.upload_folder`.")
         save_directory = Path(save_directory)
         save_directory.mkdir(parents=True, exist_ok=True)
-        model_kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
-        self.model.save_pretrained(save_directory, **model_kwargs)
-        self.processor.save_pretrained(save_directory)
-        self.save_components(save_directory)
+        options = {"safe_serialization": safe_serialization, "variant": variant, "max_shard_size": max_shard_size}
+        if self.model is not None:
+            _save_component(self.model, save_directory, **options)
+        if self.processor is not None:
+            self.processor.save_pretrained(save_directory)
+        self.save_components(save_directory, **options)
 
-    def save_components(self, save_directory: str | os.PathLike) -> None:
+    def save_components(
+        self,
+        save_directory: str | os.PathLike,
+        safe_serialization: bool = True,
+        variant: str | None = None,
+        max_shard_size: int | str | None = None,
+    ) -> None:
         """
         Writes what the pipeline adds to a model folder: `decoder/`, `vae/` (if any), `scheduler/` and
         `model_index.json`. `save_pretrained` calls it after the model and the processor; a trainer that saved the
         model its own way (e.g. gathered from FSDP shards) calls it to carry the decoder over.
         """
         save_directory = Path(save_directory)
+        options = {"safe_serialization": safe_serialization, "variant": variant, "max_shard_size": max_shard_size}
         for name in SUBFOLDER_COMPONENTS:
             component = getattr(self, name)
             if component is not None:
-                component.save_pretrained(save_directory / name)
+                _save_component(component, save_directory / name, **options)
         self.save_config(save_directory)
 
     @classmethod
@@ -189,9 +307,14 @@ class PiscesPipeline(DiffusionPipeline):
         """
         Loads a Pisces checkpoint folder, or a Hub repo id (downloaded first, then loaded from the local copy).
 
-        Takes the keyword arguments of `DiffusionPipeline.from_pretrained` (`dtype`, `device_map`, ...) and
-        pre-loaded components by name, e.g. `model=` a model loaded with `device_map="auto"` across GPUs.
+        Takes the keyword arguments of `DiffusionPipeline.from_pretrained` (`dtype`, `device_map`, `variant`, ...) and
+        components by name: a pre-loaded one (e.g. `model=` a model loaded with `device_map="auto"` across GPUs), or
+        `None` to leave an optional one out (`model=None, processor=None` decodes given `image_embeds` only).
+        Weights are read from safetensors only.
         """
+        if kwargs.get("use_safetensors") is False:
+            raise ValueError("Pisces loads safetensors only and never unpickles a checkpoint; drop use_safetensors=False.")
+        kwargs["use_safetensors"] = True
         path = Path(pretrained_model_name_or_path)
         if not path.is_dir():
             from huggingface_hub import snapshot_download
@@ -202,6 +325,8 @@ class PiscesPipeline(DiffusionPipeline):
                     revision=kwargs.pop("revision", None),
                     cache_dir=kwargs.pop("cache_dir", None),
                     token=kwargs.pop("token", None),
+                    local_files_only=kwargs.pop("local_files_only", None) or False,
+                    force_download=kwargs.pop("force_download", False),
                 )
             )
         index_file = path / cls.config_name
@@ -213,10 +338,35 @@ class PiscesPipeline(DiffusionPipeline):
         index = json.loads(index_file.read_text())
         for name in SUBFOLDER_COMPONENTS:
             library, class_name = index.get(name, [None, None])
-            if class_name is not None and kwargs.get(name) is None:
+            if class_name is not None and name not in kwargs:
                 _check_component_folder(path / name, name, weights=name != "scheduler")
-        kwargs.setdefault("use_safetensors", True)
+        variant = kwargs.get("variant")
+        model_entry = index.get("model", [None, None])
+        if variant is not None and "model" not in kwargs and model_entry[0] is not None:
+            if _has_root_variant(path, variant):
+                kwargs["model"] = cls._load_root_model_variant(path, variant, kwargs)
         return super().from_pretrained(path, **kwargs)
+
+    @staticmethod
+    def _load_root_model_variant(path: Path, variant: str, kwargs: dict) -> PiscesForConditionalGeneration:
+        # diffusers looks for a variant's files in the components' sub-folders only, so the model at the root would
+        # load its default weights (or fail when only the variant was saved); it is loaded here with the options
+        # `load_sub_model` would pass it, and handed to diffusers as a pre-loaded component.
+        if kwargs.get("quantization_config") is not None:
+            raise ValueError(
+                "variant= with quantization_config= cannot reach the model at the checkpoint root; load the model with "
+                "PiscesForConditionalGeneration.from_pretrained(path, variant=..., quantization_config=...) and pass "
+                "`model=`."
+            )
+        dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
+        if isinstance(dtype, dict):
+            dtype = dtype.get("model", dtype.get("default", torch.float32))
+        device_map = kwargs.get("device_map")
+        # The pipeline-level "balanced" strategy places whole components; a device string places this one.
+        model_device_map = device_map if isinstance(device_map, str) and device_map != "balanced" else None
+        return PiscesForConditionalGeneration.from_pretrained(
+            path, variant=variant, dtype=dtype, device_map=model_device_map, use_safetensors=True
+        ).eval()
 
     # ---- the steps of __call__ ----
 
@@ -240,6 +390,16 @@ class PiscesPipeline(DiffusionPipeline):
     def num_timesteps(self) -> int:
         return self._num_timesteps
 
+    @property
+    def interrupt(self) -> bool:
+        return self._interrupt
+
+    def default_guidance_scale(self) -> float:
+        """The model's default classifier-free guidance on the LLM's vectors (its generation config's
+        `gen_guidance_scale`; older checkpoints keep it in the model config)."""
+        value = getattr(getattr(self.model, "generation_config", None), "gen_guidance_scale", None)
+        return self.model.config.gen_guidance_scale if value is None else value
+
     def check_inputs(
         self,
         prompt,
@@ -249,6 +409,8 @@ class PiscesPipeline(DiffusionPipeline):
         height,
         width,
         num_inference_steps,
+        timesteps,
+        sigmas,
         guidance_scale,
         decoder_guidance_scale,
         num_images_per_prompt,
@@ -259,6 +421,17 @@ class PiscesPipeline(DiffusionPipeline):
         if len(sources) != 1:
             given = " and ".join(f"`{name}`" for name in sources) if sources else "none of them"
             raise ValueError(f"Pass exactly one of `prompt`, `image` or `image_embeds`; got {given}.")
+        if self.decoder is None or self.scheduler is None:
+            raise ValueError(
+                "This pipeline has no decoder or no scheduler, so it cannot draw; it can still `encode_prompt` and "
+                "`encode_image`. Load it with its decoder and scheduler to generate images."
+            )
+        if (prompt is not None or image is not None) and (self.model is None or self.processor is None):
+            raise ValueError(
+                f"`{sources[0]}` needs the pipeline's `model` and `processor`, and this pipeline has none (it was "
+                "loaded with model=None or processor=None). Pass `image_embeds` to decode given vectors, or load the "
+                "pipeline with its model and processor."
+            )
         if prompt is not None:
             if not isinstance(prompt, (str, list)) or (isinstance(prompt, list) and not all(isinstance(p, str) for p in prompt)):
                 raise ValueError(f"`prompt` must be a string or a list of strings, got {type(prompt).__name__}.")
@@ -280,6 +453,7 @@ class PiscesPipeline(DiffusionPipeline):
                     f"`image_embeds` must have shape (batch_size, num_gen_tokens, {width_expected}), got "
                     f"{tuple(image_embeds.shape)}."
                 )
+        self.check_decoder_output()
         multiple = self.vae_scale_factor * 2 ** (len(self.decoder.config.block_out_channels) - 1)
         for name, value in (("height", height), ("width", width)):
             if not isinstance(value, int) or value <= 0 or value % multiple:
@@ -287,8 +461,9 @@ class PiscesPipeline(DiffusionPipeline):
                     f"`{name}` must be a positive multiple of {multiple} (the VAE's and the decoder's downsampling), "
                     f"got {value}; the decoder's native size is {self.default_sample_size * self.vae_scale_factor}."
                 )
-        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise ValueError(f"`num_inference_steps` must be a positive integer, got {num_inference_steps}.")
+        if timesteps is None and sigmas is None:
+            if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+                raise ValueError(f"`num_inference_steps` must be a positive integer, got {num_inference_steps}.")
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
             raise ValueError(f"`num_images_per_prompt` must be a positive integer, got {num_images_per_prompt}.")
         for name, value in (("guidance_scale", guidance_scale), ("decoder_guidance_scale", decoder_guidance_scale)):
@@ -312,9 +487,19 @@ class PiscesPipeline(DiffusionPipeline):
         """
         The LLM's generation vectors for the prompts, shape `(batch_size, num_gen_tokens, gen_hidden_size)`.
 
-        `guidance_scale` (defaults to the model config's `gen_guidance_scale`) guides the vectors against
-        `negative_prompt`, by default the unconditional (empty) prompt the model was trained with.
+        `guidance_scale` (defaults to the model's `gen_guidance_scale`) guides the vectors against `negative_prompt`,
+        by default the unconditional (empty) prompt the model was trained with. A negative prompt acts through that
+        guidance only: with `guidance_scale` 1 (guidance off) it has no effect, and a warning says so.
         """
+        if self.model is None or self.processor is None:
+            raise ValueError("`encode_prompt` needs the pipeline's `model` and `processor`; this pipeline has none.")
+        if negative_prompt is not None:
+            resolved = self.default_guidance_scale() if guidance_scale is None else guidance_scale
+            if resolved <= 1:
+                logger.warning(
+                    f"`negative_prompt` has no effect with guidance_scale {resolved:g}: it is the unconditional row of "
+                    "the guidance on the LLM's vectors, which 1 turns off. Pass guidance_scale > 1 to use it."
+                )
         device = device or self._execution_device
         inputs = self.processor(
             text=[prompt] if isinstance(prompt, str) else prompt,
@@ -322,14 +507,27 @@ class PiscesPipeline(DiffusionPipeline):
             generation_mode="image",
             return_tensors="pt",
         ).to(device)
-        return self.model.generate_image_embeddings(**inputs, guidance_scale=guidance_scale)
+        with run_offload_hooks(self.model):
+            image_embeds = self.model.generate_image_embeddings(**inputs, guidance_scale=guidance_scale)
+        return image_embeds
 
+    @torch.no_grad()
     def encode_image(self, image, device: torch.device | None = None) -> torch.Tensor:
         """The generation encoder's pooled vectors of images, shape `(batch_size, num_gen_tokens, gen_hidden_size)`."""
+        if self.model is None or self.processor is None:
+            raise ValueError("`encode_image` needs the pipeline's `model` and `processor`; this pipeline has none.")
         device = device or self._execution_device
         images = image if isinstance(image, list) else [image]
         pixel_values = self.processor.gen_image_processor(images=images, return_tensors="pt")["pixel_values"]
-        return self.model.model.get_gen_targets(pixel_values.to(device=device, dtype=self.model.dtype))
+        pixel_values = pixel_values.to(device=device, dtype=self.model.dtype)
+        encoder = self.model.model
+        with run_offload_hooks(self.model):
+            # `get_gen_targets` is the older name of the pooled generation features.
+            if hasattr(encoder, "get_gen_image_features"):
+                image_embeds = encoder.get_gen_image_features(pixel_values).pooler_output
+            else:
+                image_embeds = encoder.get_gen_targets(pixel_values)
+        return image_embeds
 
     def prepare_latents(self, batch_size, num_channels, height, width, dtype, device, generator, latents=None):
         shape = (batch_size, num_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
@@ -353,12 +551,48 @@ class PiscesPipeline(DiffusionPipeline):
             return {"generator": generator}
         return {}
 
+    def predict_noise(self, latents: torch.Tensor, timestep, image_embeds: torch.Tensor) -> torch.Tensor:
+        """
+        One decoder prediction for `latents` conditioned on `image_embeds`, guided against zero vectors when
+        `do_decoder_guidance`. The guidance batch is built here at every step, from the current scale and vectors, so
+        that a callback can turn guidance on or off, or replace the vectors, between steps.
+        """
+        if self.do_decoder_guidance:
+            latent_input = torch.cat([latents] * 2)
+            conditioning = torch.cat([torch.zeros_like(image_embeds), image_embeds])
+        else:
+            latent_input, conditioning = latents, image_embeds
+        if hasattr(self.scheduler, "scale_model_input"):  # absent from flow-matching schedulers
+            latent_input = self.scheduler.scale_model_input(latent_input, timestep)
+        sample = decoder_input(self.decoder, latent_input, conditioning)
+        noise_pred = self.decoder(sample, timestep, **decoder_conditioning(self.decoder, conditioning), return_dict=False)[0]
+        if self.do_decoder_guidance:
+            noise_uncond, noise_cond = noise_pred.chunk(2)
+            noise_pred = noise_uncond + self.decoder_guidance_scale * (noise_cond - noise_uncond)
+        return noise_pred
+
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents (or pixels, without a VAE) -> images in [-1, 1], shape `(batch_size, 3, height, width)`."""
         if self.vae is None:
             return latents
-        latents = latents.to(self.vae.dtype) / self.vae.config.scaling_factor
-        return self.vae.decode(latents, return_dict=False)[0]
+        # As in SDXL: a float16 VAE that overflows in float16 (`force_upcast`) decodes in float32, then goes back.
+        needs_upcasting = self.vae.dtype == torch.float16 and getattr(self.vae.config, "force_upcast", False)
+        if needs_upcasting:
+            self.vae.to(dtype=torch.float32)
+        latents = latents.to(self.vae.dtype)
+        latents_mean = getattr(self.vae.config, "latents_mean", None)
+        latents_std = getattr(self.vae.config, "latents_std", None)
+        if latents_mean is not None and latents_std is not None:
+            view = (1, -1, 1, 1)
+            latents_mean = torch.tensor(latents_mean).view(view).to(latents.device, latents.dtype)
+            latents_std = torch.tensor(latents_std).view(view).to(latents.device, latents.dtype)
+            latents = latents * latents_std / self.vae.config.scaling_factor + latents_mean
+        else:
+            latents = latents / self.vae.config.scaling_factor
+        images = self.vae.decode(latents.to(get_module_execution_device(self.vae)), return_dict=False)[0]
+        if needs_upcasting:
+            self.vae.to(dtype=torch.float16)
+        return images
 
     @torch.no_grad()
     def __call__(
@@ -369,6 +603,8 @@ class PiscesPipeline(DiffusionPipeline):
         height: int | None = None,
         width: int | None = None,
         num_inference_steps: int = 25,
+        timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
         guidance_scale: float | None = None,
         decoder_guidance_scale: float = 1.0,
         num_images_per_prompt: int = 1,
@@ -377,7 +613,7 @@ class PiscesPipeline(DiffusionPipeline):
         image_embeds: torch.Tensor | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
-        callback_on_step_end: Callable | None = None,
+        callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],
     ) -> ImagePipelineOutput | tuple:
         r"""
@@ -385,15 +621,21 @@ class PiscesPipeline(DiffusionPipeline):
 
         Args:
             prompt (`str` or `list[str]`): what to draw. Exactly one of `prompt`, `image`, `image_embeds`.
-            negative_prompt (`str` or `list[str]`, *optional*): the unconditional row of the LLM's guidance; defaults
-                to the empty prompt the model was trained with.
+            negative_prompt (`str` or `list[str]`, *optional*): the unconditional row of the guidance on the LLM's
+                vectors, in place of the empty prompt the model was trained with. It needs that guidance on
+                (`guidance_scale` > 1); with guidance off (1, the shipped reference model's default) it has no effect,
+                and a warning says so.
             image (`PIL.Image.Image` or a list of them): images to vary: their generation-encoder vectors are decoded.
             height, width (`int`, *optional*): in pixels; default to the decoder's native size.
             num_inference_steps (`int`, defaults to 25): denoising steps.
+            timesteps (`list[int]`, *optional*): custom timesteps, for schedulers whose `set_timesteps` takes them;
+                `num_inference_steps` is then ignored.
+            sigmas (`list[float]`, *optional*): custom sigmas, for schedulers whose `set_timesteps` takes them.
             guidance_scale (`float`, *optional*): classifier-free guidance on the LLM's vectors, `u + s * (c - u)`;
-                defaults to `model.config.gen_guidance_scale`; 1 turns it off.
+                defaults to the model's `gen_guidance_scale`; 1 turns it off.
             decoder_guidance_scale (`float`, defaults to 1.0): classifier-free guidance in the denoiser against zero
-                vectors; useful only for a decoder trained with condition dropout.
+                vectors; useful only for a decoder trained with condition dropout. A callback may change
+                `pipe._decoder_guidance_scale` between steps (e.g. to turn it off after some steps).
             num_images_per_prompt (`int`, defaults to 1): images per prompt (they share the vectors, not the noise).
             generator (`torch.Generator` or a list, one per image, *optional*): makes the result reproducible.
             latents (`torch.Tensor`, *optional*): initial noise, shape `(batch, channels, height / f, width / f)`.
@@ -401,17 +643,21 @@ class PiscesPipeline(DiffusionPipeline):
                 vectors to decode, skipping the LLM.
             output_type (`str`, defaults to `"pil"`): `"pil"`, `"np"`, `"pt"` or `"latent"`.
             return_dict (`bool`, defaults to `True`): return an `ImagePipelineOutput` rather than a tuple.
-            callback_on_step_end (`Callable`, *optional*): called as `callback(pipe, step, timestep, tensors)` after
-                each denoising step; may return a dict replacing some of those tensors.
+            callback_on_step_end (`Callable`, `PipelineCallback` or `MultiPipelineCallbacks`, *optional*): called as
+                `callback(pipe, step, timestep, tensors)` after each denoising step; the tensors it returns
+                (`latents`, `image_embeds`, the vectors of one image each) replace the pipeline's.
             callback_on_step_end_tensor_inputs (`list[str]`): which tensors the callback gets (`latents`,
-                `image_embeds`).
+                `image_embeds`); a `PipelineCallback` names its own.
 
         Returns:
             [`ImagePipelineOutput`] with `images`, or the tuple `(images,)`.
         """
-        native_size = self.default_sample_size * self.vae_scale_factor
-        height = native_size if height is None else height
-        width = native_size if width is None else width
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        if self.decoder is not None:
+            native_size = self.default_sample_size * self.vae_scale_factor
+            height = native_size if height is None else height
+            width = native_size if width is None else width
         self.check_inputs(
             prompt,
             negative_prompt,
@@ -420,14 +666,19 @@ class PiscesPipeline(DiffusionPipeline):
             height,
             width,
             num_inference_steps,
+            timesteps,
+            sigmas,
             guidance_scale,
             decoder_guidance_scale,
             num_images_per_prompt,
             output_type,
             callback_on_step_end_tensor_inputs,
         )
-        self._guidance_scale = self.model.config.gen_guidance_scale if guidance_scale is None else guidance_scale
+        if guidance_scale is None:
+            guidance_scale = self.default_guidance_scale() if self.model is not None else 1.0
+        self._guidance_scale = guidance_scale
         self._decoder_guidance_scale = decoder_guidance_scale
+        self._interrupt = False
         device = self._execution_device
 
         # 1. The generation vectors: from the LLM, from the gen encoder, or given.
@@ -439,42 +690,38 @@ class PiscesPipeline(DiffusionPipeline):
         image_embeds = image_embeds.repeat_interleave(num_images_per_prompt, dim=0)
         batch_size = image_embeds.shape[0]
 
-        # 2. The decoder's conditioning; its unconditional branch is the zero vectors.
-        conditioning = image_embeds
-        if self.do_decoder_guidance:
-            conditioning = torch.cat([torch.zeros_like(image_embeds), image_embeds])
-        decoder_kwargs = decoder_conditioning(self.decoder, conditioning)
-
-        # 3. Timesteps and initial noise.
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        timesteps = self.scheduler.timesteps
+        # 2. Timesteps and initial noise.
+        timesteps, num_inference_steps = retrieve_timesteps(
+            self.scheduler, num_inference_steps, device, timesteps=timesteps, sigmas=sigmas
+        )
         latents = self.prepare_latents(
             batch_size, self.decoder.config.out_channels, height, width, self.decoder.dtype, device, generator, latents
         )
         extra_step_kwargs = self.prepare_extra_step_kwargs(generator)
 
-        # 4. Denoising.
+        # 3. Denoising. Higher-order schedulers (Heun, DPM2) take `order` timesteps per step.
+        num_warmup_steps = max(len(timesteps) - num_inference_steps * self.scheduler.order, 0)
         self._num_timesteps = len(timesteps)
+        if hasattr(self.scheduler, "set_begin_index"):
+            self.scheduler.set_begin_index(0)
         with self.progress_bar(total=num_inference_steps) as progress_bar:
             for i, t in enumerate(timesteps):
-                latent_input = torch.cat([latents] * 2) if self.do_decoder_guidance else latents
-                if hasattr(self.scheduler, "scale_model_input"):  # absent from flow-matching schedulers
-                    latent_input = self.scheduler.scale_model_input(latent_input, t)
-                latent_input = decoder_input(self.decoder, latent_input, conditioning)
-                noise_pred = self.decoder(latent_input, t, **decoder_kwargs, return_dict=False)[0]
-                if self.do_decoder_guidance:
-                    noise_uncond, noise_cond = noise_pred.chunk(2)
-                    noise_pred = noise_uncond + self.decoder_guidance_scale * (noise_cond - noise_uncond)
+                if self.interrupt:
+                    continue
+                noise_pred = self.predict_noise(latents, t, image_embeds)
                 latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
 
                 if callback_on_step_end is not None:
                     available = {"latents": latents, "image_embeds": image_embeds}
                     tensors = {name: available[name] for name in callback_on_step_end_tensor_inputs}
                     replaced = callback_on_step_end(self, i, t, tensors) or {}
-                    latents = replaced.get("latents", latents)
-                progress_bar.update()
+                    latents = replaced.pop("latents", latents)
+                    image_embeds = replaced.pop("image_embeds", image_embeds)
 
-        # 5. Pixels.
+                if i == len(timesteps) - 1 or ((i + 1) > num_warmup_steps and (i + 1) % self.scheduler.order == 0):
+                    progress_bar.update()
+
+        # 4. Pixels.
         if output_type == "latent":
             images = latents
         else:
