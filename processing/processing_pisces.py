@@ -1,195 +1,106 @@
 """
 Processor for Pisces: one tokenizer and two image processors, SigLIP for understanding and CLIP for generation targets.
 
-- `generation_mode="text"` (understanding, captions, training): every `<image>` in the text becomes
-  `num_image_tokens` copies of `<image>` and the images go through `image_processor` (`pixel_values`); every `<gen>`
-  becomes `num_gen_tokens` copies of `<gen>` and `gen_images` go through `gen_image_processor` (`gen_pixel_values`).
+It follows transformers' `ProcessorMixin` path: keyword arguments are merged by `_merge_kwargs` (flat, per modality
+in `text_kwargs` / `images_kwargs`, and the Pisces keys of `PiscesProcessorKwargs`), every `<image>` is expanded by the
+`replace_image_token` hook through `get_text_with_replacements`, the sub-processors load with the Auto classes on the
+image-processor backend `from_pretrained(backend=...)` names, and `apply_chat_template` is the library's. Pisces' own:
+
+- `<gen>`: every `<gen>` becomes `num_gen_tokens` copies of `<gen>` and `gen_images` go through `gen_image_processor`
+  (`gen_pixel_values`), for the training sequence `prompt <boi> <gen>*m <eoi>` (`format_generation_sequence`).
 - `generation_mode="image"` (text-to-image): every prompt is wrapped by `format_generation_prompt`, which ends in
   `<boi>`, and comes with a negative (by default the unconditional, empty) prompt, all left-padded. The output feeds
   `PiscesForConditionalGeneration.generate_image_embeddings` as is.
+- `offset_mapping` refers to the text as passed, before placeholder expansion, so character positions found in the
+  caller's text (an assistant answer, the chat template's `{% generation %}` spans) select the right tokens.
 
 The unconditional prompt is defined here, once (`unconditional_prompt`, `unconditional_input_ids`).
 """
 
-import os
+import re
 from collections.abc import Sequence
-from pathlib import Path
+from typing import Unpack
 
-import numpy as np
-import PIL.Image
-import torch
-import transformers
 from transformers import BatchFeature
-from transformers.image_processing_backends import PilBackend
-from transformers.processing_utils import ImagesKwargs, ProcessorMixin
+from transformers.models.auto.image_processing_auto import (
+    IMAGE_PROCESSOR_MAPPING_NAMES,
+    AutoImageProcessor,
+    get_image_processor_class_from_name,
+)
+from transformers.processing_utils import ImagesKwargs, MultiModalData, ProcessingKwargs, ProcessorMixin
 from transformers.utils import logging
 
 from .chat_template import BOI_TOKEN, CHAT_TEMPLATE, EOI_TOKEN, GEN_TOKEN, IMAGE_TOKEN
+from .image_inputs import describe, images_per_sample, to_rgb_image
 
 
 logger = logging.get_logger(__name__)
 
 GENERATION_MODES = ("text", "image")
 
-# Keyword arguments that go to the tokenizer's `__call__` when passed flat to the processor.
-_TOKENIZER_KWARGS = frozenset(
-    {
-        "add_special_tokens",
-        "pad_to_multiple_of",
-        "padding_side",
-        "return_attention_mask",
-        "return_token_type_ids",
-        "return_overflowing_tokens",
-        "return_special_tokens_mask",
-        "return_offsets_mapping",
-        "return_length",
-        "stride",
-        "verbose",
-        "sanitize_control_tokens",
-    }
-)
-# Keyword arguments that go to the understanding image processor when passed flat to the processor.
-_IMAGE_KWARGS = frozenset(ImagesKwargs.__annotations__) - {"return_tensors"}
+# The PIL backend gives a checkpoint the same pixel values on every machine (the torchvision one is picked by
+# default wherever torchvision is installed); `from_pretrained(backend="torchvision")` opts into it.
+DEFAULT_IMAGE_PROCESSOR_BACKEND = "pil"
 
 
-def _with_pil_backend(image_processor):
+class PiscesProcessorKwargs(ProcessingKwargs, total=False):
     """
-    The PIL-backend twin of `image_processor` (same settings), so that a checkpoint gives the same pixel values on every
-    machine: `AutoImageProcessor` picks the torchvision backend wherever torchvision is installed.
+    generation_mode (`str`, *optional*, defaults to `"text"`):
+        `"text"` (understanding, captions, training) or `"image"` (text-to-image prompts, each ending in `<boi>`).
+    negative_prompt (`str` or `list[str]`, *optional*):
+        Image mode only: one prompt for every prompt, or one per prompt; defaults to the unconditional prompt.
+    gen_images_kwargs (`ImagesKwargs`, *optional*):
+        Keyword arguments of `gen_image_processor`, for `gen_images`.
     """
-    if image_processor is None or isinstance(image_processor, PilBackend):
-        return image_processor
-    name = type(image_processor).__name__
-    base = name[: -len("Fast")] if name.endswith("Fast") else name
-    pil_class = getattr(transformers, base + "Pil", None)
-    if pil_class is None:
-        logger.warning_once(f"{name} has no PIL-backend twin in transformers; pixel values may vary across machines.")
-        return image_processor
-    settings = image_processor.to_dict()
-    for key in ("image_processor_type", "processor_class", "auto_map", "_processor_class"):
-        settings.pop(key, None)
-    return pil_class(**settings)
+
+    generation_mode: str
+    negative_prompt: str | list[str] | None
+    gen_images_kwargs: ImagesKwargs
 
 
-def _describe(value) -> str:
-    """A short description of what was passed, for error messages."""
-    kind = f"{type(value).__module__}.{type(value).__qualname__}".removeprefix("builtins.")
-    if isinstance(value, (np.ndarray, torch.Tensor)):
-        return f"{kind} of shape {tuple(value.shape)} and dtype {value.dtype}"
-    if isinstance(value, (str, os.PathLike)):
-        return f"{kind} {str(value)!r}"
-    return kind
+_PISCES_KEYS = ("generation_mode", "negative_prompt", "gen_images_kwargs")
+_TEXT_DEFAULTS = {"padding": True, "return_token_type_ids": False}
+
+# transformers 5.24 merges a processor's own keys in `_merge_kwargs`, with the processor's class attributes of the
+# same names as defaults; 5.17 merges only the four modality dicts (defaults from `_defaults`) and fails on any
+# other key, so there the Pisces keys are taken out before merging.
+_MERGES_PROCESSOR_KEYS = "return_mm_token_type_ids" in ProcessingKwargs.__annotations__
 
 
-def _is_image_like(value) -> bool:
-    return isinstance(value, (PIL.Image.Image, np.ndarray, torch.Tensor, str, os.PathLike))
+class _ModalityKwargs(ProcessingKwargs, total=False):
+    """`PiscesProcessorKwargs` without the Pisces keys, for transformers 5.17's `_merge_kwargs`."""
+
+    _defaults = {"text_kwargs": _TEXT_DEFAULTS}
 
 
-def _array_to_pil(array: np.ndarray, channels_first: bool, where: str, original) -> PIL.Image.Image:
-    """An HWC (or CHW if `channels_first`) or HW array, uint8 or float in [0, 1], as a PIL image."""
-    if array.ndim == 3:
-        # Accept either layout, preferring the usual one for the container (HWC for numpy, CHW for torch).
-        first, last = array.shape[0] in (1, 3, 4), array.shape[-1] in (1, 3, 4)
-        if (channels_first and first) or (not last and first):
-            array = np.moveaxis(array, 0, -1)
-        elif not last:
-            raise ValueError(
-                f"{where} ({_describe(original)}) is not an image: expected 1, 3 or 4 channels (HWC for numpy, CHW for torch)."
-            )
-        if array.shape[-1] == 1:
-            array = array[..., 0]
-    elif array.ndim != 2:
-        raise ValueError(
-            f"{where} ({_describe(original)}) is not an image: expected 2 (H, W) or 3 (H, W, C / C, H, W) dimensions."
-        )
-    if array.shape[0] == 0 or array.shape[1] == 0:
-        raise ValueError(f"{where} ({_describe(original)}) is empty.")
-    if array.dtype == np.bool_:
-        array = array.astype(np.uint8) * 255
-    elif np.issubdtype(array.dtype, np.floating):
-        # Floats in [0, 1] are scaled to bytes; anything larger is taken to be on the 0-255 scale already.
-        scale = 255.0 if float(np.nanmax(array)) <= 1.0 else 1.0
-        array = np.clip(np.rint(np.nan_to_num(array) * scale), 0, 255).astype(np.uint8)
-    elif array.dtype != np.uint8:
-        array = np.clip(array, 0, 255).astype(np.uint8)
-    return PIL.Image.fromarray(np.ascontiguousarray(array))
+def _image_processor_class(type_name: str, backend: str) -> type:
+    """The class transformers registers for the image processor saved as `type_name`, on `backend`."""
+    for classes in IMAGE_PROCESSOR_MAPPING_NAMES.values():
+        if type_name in classes.values() and classes.get(backend) is not None:
+            found = get_image_processor_class_from_name(classes[backend])
+            if found is not None:
+                return found
+    return ProcessorMixin.get_possibly_dynamic_module(type_name)
 
 
-def to_rgb_image(image, index: int = 0, name: str = "image") -> PIL.Image.Image:
+def _offsets_before_replacements(offsets, replacements: list[dict], shift: int = 0) -> list[tuple[int, int]]:
     """
-    Converts one image to an RGB PIL image: PIL images of any mode (transparency is composited onto white), numpy
-    arrays (HWC or HW, uint8 or float in [0, 1]), torch tensors (CHW or HW) and paths to existing image files.
-    Raises `ValueError` naming `name`, `index` and the type given for anything else.
+    `(start, end)` character offsets into a text whose placeholders were expanded, mapped back to the text before
+    (plus `shift`): every token of an expansion points at its placeholder; `(0, 0)` (added tokens, padding) stays.
+    `replacements` are one text's spans in `get_text_with_replacements`' format (`span`, `new_span`).
     """
-    where = f"{name} {index}"
-    if isinstance(image, (str, os.PathLike)):
-        path = Path(image)
-        if not path.is_file():
-            raise ValueError(
-                f"{where} ({_describe(image)}) is not an existing image file (URLs are not fetched); "
-                "pass a PIL image, a numpy array, a torch tensor or the path of an image file."
-            )
-        try:
-            with PIL.Image.open(path) as opened:
-                opened.load()
-                image = opened.copy()
-        except (OSError, PIL.UnidentifiedImageError) as error:
-            raise ValueError(f"{where} is the path {str(path)!r}, which PIL cannot read as an image: {error}") from error
-    elif isinstance(image, torch.Tensor):
-        array = image.detach().cpu()
-        array = (array.float() if array.is_floating_point() else array).numpy()
-        image = _array_to_pil(array, True, where, image)
-    elif isinstance(image, np.ndarray):
-        image = _array_to_pil(image, False, where, image)
-    elif not isinstance(image, PIL.Image.Image):
-        raise ValueError(
-            f"{where} ({_describe(image)}) is not an image; expected a PIL image, a numpy array (H, W, C), a torch tensor "
-            "(C, H, W) or the path of an image file."
-        )
 
-    if image.mode == "RGB":
-        return image
-    if "A" in image.getbands() or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        background = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return PIL.Image.alpha_composite(background, rgba).convert("RGB")
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-        array = np.asarray(image, dtype=np.float64)
-        peak = array.max() if array.size and array.max() > 0 else 1.0
-        image = PIL.Image.fromarray(np.clip(np.rint(array / peak * 255), 0, 255).astype(np.uint8))
-    return image.convert("RGB")
+    def back(position: int, is_end: bool) -> int:
+        growth = 0
+        for replacement in replacements:
+            (start, end), (new_start, new_end) = replacement["span"], replacement["new_span"]
+            if new_start <= position < new_end or (is_end and new_start < position <= new_end):
+                return (end if is_end else start) + shift
+            if position >= new_end:
+                growth = new_end - end
+        return position - growth + shift
 
-
-def _split_batch(value) -> list:
-    """A 4-D array or tensor is a batch of images; anything else is one image."""
-    if isinstance(value, (np.ndarray, torch.Tensor)) and value.ndim == 4:
-        return list(value)
-    return [value]
-
-
-def _images_per_sample(images, name: str, num_texts: int | None) -> tuple[list, list[list] | None]:
-    """
-    Normalises `images` to a flat list and, when given one list per text, to those lists.
-
-    Returns (flat list, nested lists or None when images were given flat).
-    """
-    if images is None:
-        return [], None
-    if not isinstance(images, (list, tuple)):
-        return _split_batch(images), None
-    nested = any(isinstance(item, (list, tuple)) for item in images)
-    if not nested:
-        return [image for item in images for image in _split_batch(item)], None
-    if num_texts is not None and len(images) != num_texts:
-        raise ValueError(
-            f"{name} has {len(images)} lists of images (one list per text) for {num_texts} texts; pass one list per "
-            "text, or a flat list."
-        )
-    per_sample = []
-    for item in images:
-        items = item if isinstance(item, (list, tuple)) else [item]
-        per_sample.append([image for entry in items if entry is not None for image in _split_batch(entry)])
-    return [image for sample in per_sample for image in sample], per_sample
+    return [(0, 0) if (start, end) == (0, 0) else (back(start, False), back(end, True)) for start, end in offsets]
 
 
 class PiscesProcessor(ProcessorMixin):
@@ -215,9 +126,14 @@ class PiscesProcessor(ProcessorMixin):
             The special tokens; their ids are looked up in the tokenizer.
     """
 
-    # No `*_class` attributes: ProcessorMixin finds the sub-processors by their `__init__` argument names.
-    # `image_processor` is loaded with AutoImageProcessor, `gen_image_processor` from its entry in
-    # processor_config.json; `from_pretrained` then pins both to the PIL backend.
+    # No `*_class` attributes: ProcessorMixin finds the sub-processors by their `__init__` argument names; the
+    # primary `image_processor` loads with AutoImageProcessor, `gen_image_processor` from processor_config.json.
+    valid_processor_kwargs = PiscesProcessorKwargs if _MERGES_PROCESSOR_KEYS else _ModalityKwargs
+    # Defaults of the merged keyword arguments (transformers 5.24 reads them here, 5.17 from `_ModalityKwargs`).
+    text_kwargs = _TEXT_DEFAULTS
+    generation_mode = "text"
+    negative_prompt = None
+    gen_images_kwargs = {}
 
     def __init__(
         self,
@@ -233,15 +149,8 @@ class PiscesProcessor(ProcessorMixin):
         gen_token: str = GEN_TOKEN,
         **kwargs,
     ):
-        missing = [
-            name
-            for name, value in (
-                ("image_processor", image_processor),
-                ("gen_image_processor", gen_image_processor),
-                ("tokenizer", tokenizer),
-            )
-            if value is None
-        ]
+        components = {"image_processor": image_processor, "gen_image_processor": gen_image_processor}
+        missing = [name for name, value in {**components, "tokenizer": tokenizer}.items() if value is None]
         if missing:
             raise ValueError(f"PiscesProcessor needs {', '.join(missing)}; got None.")
         for name, value in (("num_image_tokens", num_image_tokens), ("num_gen_tokens", num_gen_tokens)):
@@ -287,14 +196,42 @@ class PiscesProcessor(ProcessorMixin):
         return ids
 
     # ----------------------------------------------------------------------------------------------------------------
-    # Loading: both image processors on the PIL backend, whatever is installed.
+    # Loading.
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        processor = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-        processor.image_processor = _with_pil_backend(processor.image_processor)
-        processor.gen_image_processor = _with_pil_backend(processor.gen_image_processor)
-        return processor
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, backend: str | None = None, **kwargs):
+        """
+        `ProcessorMixin.from_pretrained`, with both image processors on one backend.
+
+        Args:
+            backend (`str`, *optional*, defaults to `"pil"`):
+                AutoImageProcessor's `backend` for `image_processor` and `gen_image_processor`: `"pil"` gives the same
+                pixel values on every machine, `"torchvision"` is faster where torchvision is installed. The
+                deprecated `use_fast=True` / `False` means `"torchvision"` / `"pil"`, as in AutoImageProcessor.
+        """
+        use_fast = kwargs.pop("use_fast", None)
+        if backend is None:
+            backend = DEFAULT_IMAGE_PROCESSOR_BACKEND if use_fast is None else ("torchvision" if use_fast else "pil")
+        return super().from_pretrained(pretrained_model_name_or_path, *args, image_processor_backend=backend, **kwargs)
+
+    @classmethod
+    def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
+        backend = kwargs.pop("image_processor_backend", DEFAULT_IMAGE_PROCESSOR_BACKEND)
+        subfolder = kwargs.pop("subfolder", "")
+        gen_settings = (processor_dict or {}).get("gen_image_processor")
+        if not isinstance(gen_settings, dict) or "image_processor_type" not in gen_settings:
+            raise OSError(
+                f"{pretrained_model_name_or_path} has no gen_image_processor settings (with its image_processor_type) "
+                "in processor_config.json; save the processor with PiscesProcessor.save_pretrained."
+            )
+        image_processor = AutoImageProcessor.from_pretrained(
+            pretrained_model_name_or_path, subfolder=subfolder, backend=backend, **kwargs
+        )
+        gen_image_processor = _image_processor_class(gen_settings["image_processor_type"], backend)(**gen_settings)
+        tokenizer = cls._load_tokenizer_from_pretrained(
+            "tokenizer", pretrained_model_name_or_path, subfolder=subfolder, **kwargs
+        )
+        return [image_processor, gen_image_processor, tokenizer]
 
     # ----------------------------------------------------------------------------------------------------------------
     # Prompts for image generation.
@@ -302,7 +239,7 @@ class PiscesProcessor(ProcessorMixin):
     def format_generation_prompt(self, prompt: str) -> str:
         """The text-to-image prompt: the chat template on one user message, the assistant header, then `<boi>`."""
         if not isinstance(prompt, str):
-            raise ValueError(f"A generation prompt must be a str, got {_describe(prompt)}.")
+            raise ValueError(f"A generation prompt must be a str, got {describe(prompt)}.")
         messages = [{"role": "user", "content": prompt}]
         return self.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) + self.boi_token
 
@@ -332,50 +269,48 @@ class PiscesProcessor(ProcessorMixin):
         images=None,
         text: str | list[str] | None = None,
         gen_images=None,
-        generation_mode: str = "text",
-        negative_prompt: str | list[str] | None = None,
-        return_tensors=None,
-        padding=True,
-        truncation=None,
-        max_length: int | None = None,
-        **kwargs,
+        videos=None,
+        audio=None,
+        **kwargs: Unpack[PiscesProcessorKwargs],
     ) -> BatchFeature:
         """
         Prepares inputs for the model.
 
         Args:
-            images: understanding images (PIL, numpy HWC, torch CHW, or paths): one, a list, or one list per text.
-                Each needs one `<image>` in the text. Text mode only.
+            images: understanding images, in any form `to_rgb_image` takes (PIL of any mode, numpy HWC, torch CHW,
+                paths, http(s) URLs, base64): one, a batch, a list, or one list per text. Each needs one `<image>`
+                in the text. Text mode only.
             text: a string or a list of strings.
             gen_images: generation targets, in the same forms as `images`; each needs one `<gen>` in the text, which
                 becomes `num_gen_tokens` `<gen>` tokens. Text mode only (training).
-            generation_mode: `"text"` (understanding and training) or `"image"` (text-to-image prompts).
-            negative_prompt: image mode only: one string for every prompt, or a list with one per prompt. Defaults
-                to the unconditional prompt.
-            return_tensors: `"pt"`, `"np"` or None (lists, and numpy pixel values).
-            padding, truncation, max_length: as for the tokenizer. Truncation that would cut placeholders raises.
-            kwargs: tokenizer arguments (`add_special_tokens`, `pad_to_multiple_of`, ...), image processor arguments
-                (`size`, ...; understanding images), or per-modality dicts `text_kwargs`, `images_kwargs`,
-                `gen_images_kwargs`.
+            kwargs: the keys of `PiscesProcessorKwargs` (`generation_mode`, `negative_prompt`, `gen_images_kwargs`),
+                tokenizer and image processor arguments, flat (`padding`, `truncation`, `max_length`,
+                `return_offsets_mapping`, `size`, ...; image arguments go to the understanding image processor) or per
+                modality (`text_kwargs`, `images_kwargs`), and `return_tensors` (`"pt"`, `"np"` or None: lists, and
+                numpy pixel values). Padding defaults to the longest text; truncation that would cut placeholders
+                raises.
 
         Returns:
             [`BatchFeature`]: text mode: `input_ids`, `attention_mask`, and `pixel_values` / `gen_pixel_values` when
-            images / gen_images are given. Image mode: `input_ids`, `attention_mask`, `negative_input_ids`,
-            `negative_attention_mask`, all left-padded, every row ending in `<boi>`.
+            images / gen_images are given (`offset_mapping`, `mm_token_type_ids` when asked for). Image mode:
+            `input_ids`, `attention_mask`, `negative_input_ids`, `negative_attention_mask`, all left-padded, every
+            row ending in `<boi>`.
         """
+        for name, value in (("videos", videos), ("audio", audio)):
+            if value is not None:
+                raise ValueError(f"Pisces takes no {name}.")
+        merged = self._merge_pisces_kwargs(**kwargs)
+        generation_mode = merged["generation_mode"]
         if generation_mode not in GENERATION_MODES:
             raise ValueError(
                 f"Unknown generation_mode {generation_mode!r}; allowed: {', '.join(map(repr, GENERATION_MODES))}."
             )
-        for unsupported in ("videos", "audio"):
-            if kwargs.pop(unsupported, None) is not None:
-                raise ValueError(f"Pisces takes no {unsupported}.")
-        text_kwargs, images_kwargs, gen_images_kwargs, extras = self._split_kwargs(kwargs)
-        return_tensors = extras.pop("return_tensors", return_tensors)
-        padding = text_kwargs.pop("padding", padding)
-        truncation = text_kwargs.pop("truncation", truncation)
-        max_length = text_kwargs.pop("max_length", max_length)
-        text_kwargs.setdefault("return_token_type_ids", False)
+        text_kwargs = merged["text_kwargs"]
+        return_tensors = text_kwargs.pop("return_tensors", None)
+        # These were text kwargs before transformers 5.24 made them processor keys.
+        return_mm_token_type_ids = text_kwargs.pop("return_mm_token_type_ids", merged.get("return_mm_token_type_ids"))
+        # `offset_mapping` already refers to the caller's text; replacement offsets would shift it a second time.
+        text_kwargs.pop("return_text_replacement_offsets", None)
 
         if generation_mode == "image":
             if images is not None or gen_images is not None:
@@ -383,48 +318,52 @@ class PiscesProcessor(ProcessorMixin):
                     "generation_mode='image' takes text prompts only; images and gen_images belong to "
                     "generation_mode='text'."
                 )
-            return self._image_mode(text, negative_prompt, return_tensors, padding, truncation, max_length, text_kwargs)
-        if negative_prompt is not None:
+            return self._image_generation_prompts(text, merged["negative_prompt"], text_kwargs, return_tensors)
+        if merged["negative_prompt"] is not None:
             raise ValueError("negative_prompt is only used with generation_mode='image'.")
-        return self._text_mode(
-            images,
-            text,
-            gen_images,
-            return_tensors,
-            padding,
-            truncation,
-            max_length,
-            text_kwargs,
-            images_kwargs,
-            gen_images_kwargs,
-            extras,
-        )
 
-    def _split_kwargs(self, kwargs: dict) -> tuple[dict, dict, dict, dict]:
-        text_kwargs = dict(kwargs.pop("text_kwargs", None) or {})
-        images_kwargs = dict(kwargs.pop("images_kwargs", None) or {})
-        gen_images_kwargs = dict(kwargs.pop("gen_images_kwargs", None) or {})
-        common = dict(kwargs.pop("common_kwargs", None) or {})
-        extras = {}
-        for key in ("return_tensors",):
-            if key in common:
-                extras[key] = common.pop(key)
-            for group in (text_kwargs, images_kwargs, gen_images_kwargs):
-                group.pop(key, None)
-        for key in ("return_mm_token_type_ids",):
-            if key in kwargs or key in text_kwargs:
-                extras[key] = kwargs.pop(key, text_kwargs.pop(key, None))
-        # offset_mapping already refers to the caller's text (see `_offsets_in_caller_text`): no replacement offsets.
-        kwargs.pop("return_text_replacement_offsets", None)
-        text_kwargs.pop("return_text_replacement_offsets", None)
-        for key, value in {**common, **kwargs}.items():
-            if key in _TOKENIZER_KWARGS:
-                text_kwargs[key] = value
-            elif key in _IMAGE_KWARGS:
-                images_kwargs[key] = value
-            else:
-                logger.warning_once(f"PiscesProcessor ignores the keyword argument {key!r}.")
-        return text_kwargs, images_kwargs, gen_images_kwargs, extras
+        texts = self._texts(text, allow_none=True)
+        flat_images, flat_gen = self._images_for_texts(texts, images, gen_images)
+        data, image_replacements, gen_replacements = {}, [], []
+        if flat_images:
+            pil_images = [to_rgb_image(image, index, "image") for index, image in enumerate(flat_images)]
+            # Stacked numpy pixel values; the BatchFeature below converts them to `return_tensors`.
+            processed, image_replacements = self._process_images(
+                pil_images, **{**merged["images_kwargs"], "return_tensors": "np"}
+            )
+            data["pixel_values"] = processed["pixel_values"]
+        if flat_gen:
+            pil_gen = [to_rgb_image(image, index, "gen_image") for index, image in enumerate(flat_gen)]
+            processed, gen_replacements = self._process_gen_images(
+                pil_gen, **{**merged["gen_images_kwargs"], "return_tensors": "np"}
+            )
+            data["gen_pixel_values"] = processed["pixel_values"]
+        if texts is not None:
+            data.update(self._encode_texts(texts, image_replacements, gen_replacements, text_kwargs))
+            if return_mm_token_type_ids:
+                data["mm_token_type_ids"] = self.create_mm_token_type_ids(data["input_ids"])
+        return BatchFeature(data, tensor_type=return_tensors)
+
+    def _merge_pisces_kwargs(self, **kwargs) -> dict:
+        """`_merge_kwargs` over `PiscesProcessorKwargs`: per-modality dicts, plus the Pisces keys."""
+        init_kwargs = self.tokenizer.init_kwargs
+        if _MERGES_PROCESSOR_KEYS:
+            return self._merge_kwargs(self.valid_processor_kwargs, tokenizer_init_kwargs=init_kwargs, **kwargs)
+        own = {key: kwargs.pop(key) if key in kwargs else getattr(self, key) for key in _PISCES_KEYS}
+        return {**self._merge_kwargs(self.valid_processor_kwargs, tokenizer_init_kwargs=init_kwargs, **kwargs), **own}
+
+    def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
+        """What one understanding image's `<image>` becomes: `num_image_tokens` copies, whatever the image size."""
+        return self.image_token * self.num_image_tokens
+
+    def replace_gen_image_token(self, gen_image_inputs: dict, gen_image_idx: int, **kwargs) -> str:
+        """What one generation image's `<gen>` becomes: `num_gen_tokens` copies."""
+        return self.gen_token * self.num_gen_tokens
+
+    def _process_gen_images(self, gen_images: list, **kwargs) -> tuple[dict, list[str]]:
+        """`_process_images` for the generation targets: `gen_image_processor`, and one `<gen>` replacement each."""
+        processed = self.gen_image_processor(gen_images, **kwargs)
+        return processed, [self.replace_gen_image_token(processed, index, **kwargs) for index in range(len(gen_images))]
 
     @staticmethod
     def _texts(text, allow_none: bool) -> list[str] | None:
@@ -434,27 +373,17 @@ class PiscesProcessor(ProcessorMixin):
             raise ValueError("generation_mode='image' needs text: one prompt or a list of prompts.")
         texts = [text] if isinstance(text, str) else text
         if not isinstance(texts, (list, tuple)):
-            raise ValueError(f"text must be a str or a list of str, got {_describe(text)}.")
+            raise ValueError(f"text must be a str or a list of str, got {describe(text)}.")
         if len(texts) == 0:
             raise ValueError("Empty batch: text is an empty list.")
         for index, sample in enumerate(texts):
             if not isinstance(sample, str):
-                raise ValueError(f"text {index} ({_describe(sample)}) is not a str.")
+                raise ValueError(f"text {index} ({describe(sample)}) is not a str.")
         return list(texts)
-
-    def _tokenize(self, texts, padding, truncation, max_length, text_kwargs) -> dict:
-        return self.tokenizer(
-            texts,
-            padding=padding,
-            truncation=truncation,
-            max_length=max_length,
-            return_tensors=None,
-            **text_kwargs,
-        )
 
     # -- image mode --------------------------------------------------------------------------------------------------
 
-    def _image_mode(self, text, negative_prompt, return_tensors, padding, truncation, max_length, text_kwargs):
+    def _image_generation_prompts(self, text, negative_prompt, text_kwargs: dict, return_tensors) -> BatchFeature:
         prompts = self._texts(text, allow_none=False)
         special = (self.image_token, self.boi_token, self.eoi_token, self.gen_token)
         for index, prompt in enumerate(prompts):
@@ -467,7 +396,8 @@ class PiscesProcessor(ProcessorMixin):
             if isinstance(negative_prompt, str):
                 negative_prompt = [negative_prompt] * len(prompts)
             if not isinstance(negative_prompt, (list, tuple)) or len(negative_prompt) != len(prompts):
-                count = len(negative_prompt) if isinstance(negative_prompt, (list, tuple)) else _describe(negative_prompt)
+                given = negative_prompt
+                count = len(given) if isinstance(given, (list, tuple)) else describe(given)
                 raise ValueError(
                     f"Got {count} negative prompts for {len(prompts)} prompts; pass one string, or a list with one "
                     "negative prompt per prompt."
@@ -475,13 +405,15 @@ class PiscesProcessor(ProcessorMixin):
             negatives = [self.format_generation_prompt(prompt) for prompt in negative_prompt]
         formatted = [self.format_generation_prompt(prompt) for prompt in prompts]
 
-        # The prompts hold their own <|begin_of_text|>; generation needs left padding and every row ending in <boi>.
-        text_kwargs = {**text_kwargs, "add_special_tokens": False, "padding_side": "left"}
+        # The prompts hold their own <|begin_of_text|>; generation needs left padding and every row ending in <boi>,
+        # so a prompt too long is refused rather than truncated.
+        truncation = text_kwargs.pop("truncation", None)
+        limit = text_kwargs.get("max_length") or self.tokenizer.model_max_length
+        text_kwargs = {**text_kwargs, "add_special_tokens": False, "padding_side": "left", "truncation": False}
         data = {}
         for prefix, label, batch in (("", "Prompt", formatted), ("negative_", "Negative prompt", negatives)):
-            encoded = self._tokenize(batch, padding, None, None, text_kwargs)
+            encoded = self.tokenizer(batch, **text_kwargs)
             if truncation not in (None, False, "do_not_truncate"):
-                limit = max_length if max_length is not None else self.tokenizer.model_max_length
                 for index, ids in enumerate(encoded["input_ids"]):
                     length = sum(encoded["attention_mask"][index]) if "attention_mask" in encoded else len(ids)
                     if length > limit:
@@ -496,48 +428,23 @@ class PiscesProcessor(ProcessorMixin):
 
     # -- text mode ---------------------------------------------------------------------------------------------------
 
-    def _text_mode(
-        self,
-        images,
-        text,
-        gen_images,
-        return_tensors,
-        padding,
-        truncation,
-        max_length,
-        text_kwargs,
-        images_kwargs,
-        gen_images_kwargs,
-        extras,
-    ) -> BatchFeature:
-        texts = self._texts(text, allow_none=True)
+    def _images_for_texts(self, texts, images, gen_images) -> tuple[list, list]:
+        """The flat lists of images and gen_images, checked against the placeholders of `texts`."""
         if texts is None and images is None and gen_images is None:
             raise ValueError("Empty batch: pass text, images or both.")
         num_texts = None if texts is None else len(texts)
-        flat_images, nested_images = _images_per_sample(images, "images", num_texts)
-        flat_gen, nested_gen = _images_per_sample(gen_images, "gen_images", num_texts)
-        if texts is None and not flat_images and not flat_gen:
-            raise ValueError("Empty batch: images is empty and there is no text.")
-
-        data = {}
-        if texts is not None:
-            counts = {
-                "image": [sample.count(self.image_token) for sample in texts],
-                "gen": [sample.count(self.gen_token) for sample in texts],
-            }
-            self._check_counts(counts["image"], flat_images, nested_images, images, self.image_token, "images")
-            self._check_counts(counts["gen"], flat_gen, nested_gen, gen_images, self.gen_token, "gen_images")
-            data.update(self._encode_texts(texts, counts, padding, truncation, max_length, text_kwargs, extras))
-
-        if flat_images:
-            pil_images = [to_rgb_image(image, index, "image") for index, image in enumerate(flat_images)]
-            processed = self.image_processor(pil_images, return_tensors=return_tensors or "np", **images_kwargs)
-            data["pixel_values"] = processed["pixel_values"]
-        if flat_gen:
-            pil_gen = [to_rgb_image(image, index, "gen_image") for index, image in enumerate(flat_gen)]
-            processed = self.gen_image_processor(pil_gen, return_tensors=return_tensors or "np", **gen_images_kwargs)
-            data["gen_pixel_values"] = processed["pixel_values"]
-        return BatchFeature(data, tensor_type=return_tensors)
+        flat_images, nested_images = images_per_sample(images, "images", num_texts)
+        flat_gen, nested_gen = images_per_sample(gen_images, "gen_images", num_texts)
+        if texts is None:
+            if not flat_images and not flat_gen:
+                raise ValueError("Empty batch: images is empty and there is no text.")
+            return flat_images, flat_gen
+        for token, name, flat, nested, given in (
+            (self.image_token, "images", flat_images, nested_images, images),
+            (self.gen_token, "gen_images", flat_gen, nested_gen, gen_images),
+        ):
+            self._check_counts([sample.count(token) for sample in texts], flat, nested, given, token, name)
+        return flat_images, flat_gen
 
     @staticmethod
     def _check_counts(placeholders, flat, nested, given, token, name):
@@ -563,102 +470,73 @@ class PiscesProcessor(ProcessorMixin):
         bos = self.tokenizer.bos_token_id
         return bos is not None and self.tokenizer("", add_special_tokens=True)["input_ids"][:1] == [bos]
 
-    def _encode_texts(self, texts, counts, padding, truncation, max_length, text_kwargs, extras) -> dict:
+    def _encode_texts(self, texts, image_replacements, gen_replacements, text_kwargs: dict) -> dict:
         # Text already formatted by the chat template starts with <|begin_of_text|>: don't add a second one.
-        add_special_tokens = text_kwargs.get("add_special_tokens", True)
         bos = self.tokenizer.bos_token
-        stripped = [0] * len(texts)
-        if add_special_tokens and bos and any(sample.startswith(bos) for sample in texts) and self._adds_bos():
-            stripped = [len(bos) if sample.startswith(bos) else 0 for sample in texts]
-            texts = [sample[cut:] for sample, cut in zip(texts, stripped)]
-
-        needed = [
-            image * self.num_image_tokens + gen * self.num_gen_tokens
-            for image, gen in zip(counts["image"], counts["gen"])
-        ]
-        truncating = truncation not in (None, False, "do_not_truncate")
+        cuts = [0] * len(texts)
+        if text_kwargs.get("add_special_tokens", True) and bos and any(t.startswith(bos) for t in texts):
+            if self._adds_bos():
+                cuts = [len(bos) if sample.startswith(bos) else 0 for sample in texts]
+                texts = [sample[cut:] for sample, cut in zip(texts, cuts)]
+        counts = [(sample.count(self.image_token), sample.count(self.gen_token)) for sample in texts]
+        truncation = text_kwargs.get("truncation")
         limit = None
-        if truncating:
-            limit = max_length if max_length is not None else self.tokenizer.model_max_length
-            for index, (need, image, gen) in enumerate(zip(needed, counts["image"], counts["gen"])):
+        if truncation not in (None, False, "do_not_truncate"):
+            limit = text_kwargs.get("max_length") or self.tokenizer.model_max_length
+            for index, (images, gens) in enumerate(counts):
+                need = images * self.num_image_tokens + gens * self.num_gen_tokens
                 if need > limit:
                     raise ValueError(
                         f"Truncation would cut image placeholders: text {index} needs {need} placeholder tokens "
-                        f"({image} x {self.num_image_tokens} {self.image_token} + {gen} x {self.num_gen_tokens} "
+                        f"({images} x {self.num_image_tokens} {self.image_token} + {gens} x {self.num_gen_tokens} "
                         f"{self.gen_token}) but max_length is {limit}."
                     )
 
-        expanded, spans = zip(*(self._expand(sample) for sample in texts))
-
-        encoded = self._tokenize(list(expanded), padding, truncation, max_length, text_kwargs)
-        for index, ids in enumerate(encoded["input_ids"]):
+        texts, image_spans = self.get_text_with_replacements(list(texts), image_replacements)
+        texts, gen_spans = self._expand_gen_tokens(texts, gen_replacements)
+        data = dict(self.tokenizer(texts, **text_kwargs))
+        for index, ids in enumerate(data["input_ids"]):
             for token_id, per_item, count, token in (
-                (self.image_token_id, self.num_image_tokens, counts["image"][index], self.image_token),
-                (self.gen_token_id, self.num_gen_tokens, counts["gen"][index], self.gen_token),
+                (self.image_token_id, self.num_image_tokens, counts[index][0], self.image_token),
+                (self.gen_token_id, self.num_gen_tokens, counts[index][1], self.gen_token),
             ):
                 found = sum(1 for value in ids if value == token_id)
                 if found != per_item * count:
-                    reason = (
-                        f"truncation to max_length={limit} cut them"
-                        if truncating
-                        else "the tokenizer does not keep them whole"
-                    )
+                    reason = f"truncation to max_length={limit} cut them"
+                    if limit is None:
+                        reason = "the tokenizer does not keep them whole"
                     raise ValueError(
                         f"Text {index} has {found} {token} tokens after tokenization, expected {count} x {per_item} = "
                         f"{per_item * count}: {reason}. Raise max_length or shorten the text."
                     )
-        data = dict(encoded)
         if "offset_mapping" in data:
             data["offset_mapping"] = [
-                self._offsets_in_caller_text(row, row_spans, cut)
-                for row, row_spans, cut in zip(data["offset_mapping"], spans, stripped)
+                _offsets_before_replacements(_offsets_before_replacements(row, gen), image, shift=cut)
+                for row, gen, image, cut in zip(data["offset_mapping"], gen_spans, image_spans, cuts)
             ]
-        if extras.get("return_mm_token_type_ids"):
-            data["mm_token_type_ids"] = self.create_mm_token_type_ids(data["input_ids"])
         return data
 
-    def _expand(self, sample: str) -> tuple[str, list[tuple[int, int, int, int]]]:
-        """Expands each placeholder; returns the text and, per placeholder, (start, end, new_start, new_end)."""
-        replacements = {
-            self.image_token: self.image_token * self.num_image_tokens,
-            self.gen_token: self.gen_token * self.num_gen_tokens,
-        }
-        pieces, spans, position, growth = [], [], 0, 0
-        while True:
-            hits = [(sample.find(token, position), token) for token in replacements]
-            hits = [(start, token) for start, token in hits if start >= 0]
-            if not hits:
-                break
-            start, token = min(hits)
-            replacement = replacements[token]
-            pieces += [sample[position:start], replacement]
-            spans.append((start, start + len(token), start + growth, start + growth + len(replacement)))
-            growth += len(replacement) - len(token)
-            position = start + len(token)
-        pieces.append(sample[position:])
-        return "".join(pieces), spans
-
-    @staticmethod
-    def _offsets_in_caller_text(offsets, spans, cut: int) -> list[tuple[int, int]]:
+    def _expand_gen_tokens(self, texts: list[str], replacements: list[str]) -> tuple[list[str], list[list[dict]]]:
         """
-        Character offsets of the expanded text mapped back to the text the caller passed: every token of an expanded
-        placeholder points at the placeholder. `apply_chat_template(return_assistant_tokens_mask=True)` matches these
-        offsets against the rendered (unexpanded) chat, so assistant masks are right with images on any 5.x version.
+        Every `<gen>` replaced by its entry of `replacements`, in order, as `get_text_with_replacements` does for
+        `<image>`; returns the texts and, per text, the spans in its format (`span`, `new_span`).
         """
-
-        def back(position: int, is_end: bool) -> int:
-            growth = 0
-            for start, end, new_start, new_end in spans:
-                if new_start <= position < new_end or (is_end and new_start < position <= new_end):
-                    return (end if is_end else start) + cut
-                if position >= new_end:
-                    growth = new_end - end
-            return position - growth + cut
-
-        remapped = []
-        for start, end in (tuple(pair) for pair in offsets):
-            remapped.append((0, 0) if start == end == 0 else (back(start, False), back(end, True)))
-        return remapped
+        replacements = iter(replacements)
+        expanded, spans = [], []
+        for sample in texts:
+            pieces, sample_spans, last, growth = [], [], 0, 0
+            for match in re.finditer(re.escape(self.gen_token), sample):
+                start, end = match.span()
+                replacement = next(replacements)
+                pieces += [sample[last:start], replacement]
+                new_start = start + growth
+                new_span = (new_start, new_start + len(replacement))
+                sample_spans.append({"type": "gen_image", "span": (start, end), "new_span": new_span})
+                growth += len(replacement) - (end - start)
+                last = end
+            expanded.append("".join(pieces) + sample[last:])
+            spans.append(sample_spans)
+        return expanded, spans
 
     # ----------------------------------------------------------------------------------------------------------------
     # Decoding and metadata.
@@ -678,8 +556,6 @@ class PiscesProcessor(ProcessorMixin):
 
     def _get_num_multimodal_tokens(self, image_sizes=None, **kwargs):
         """Placeholder tokens per image: `num_image_tokens` whatever the image size (images are resized)."""
-        from transformers.processing_utils import MultiModalData
-
         data = {}
         if image_sizes is not None:
             data["num_image_tokens"] = [self.num_image_tokens] * len(image_sizes)
@@ -687,4 +563,13 @@ class PiscesProcessor(ProcessorMixin):
         return MultiModalData(**data)
 
 
-__all__ = ["PiscesProcessor", "IMAGE_TOKEN", "BOI_TOKEN", "EOI_TOKEN", "GEN_TOKEN", "GENERATION_MODES", "to_rgb_image"]
+__all__ = [
+    "PiscesProcessor",
+    "PiscesProcessorKwargs",
+    "IMAGE_TOKEN",
+    "BOI_TOKEN",
+    "EOI_TOKEN",
+    "GEN_TOKEN",
+    "GENERATION_MODES",
+    "to_rgb_image",
+]

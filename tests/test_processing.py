@@ -9,7 +9,6 @@ import PIL.Image  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from transformers import AutoProcessor, CLIPImageProcessorPil, PreTrainedTokenizerFast, SiglipImageProcessorPil  # noqa: E402
-from transformers.image_processing_utils import BaseImageProcessor  # noqa: E402
 
 from pisces.conversion.tokenizer import SPECIAL_TOKENS, build_tokenizer  # noqa: E402
 from pisces.processing import CHAT_TEMPLATE, PiscesProcessor  # noqa: E402
@@ -18,7 +17,6 @@ from pisces.processing.processing_pisces import (  # noqa: E402
     EOI_TOKEN,
     GEN_TOKEN,
     IMAGE_TOKEN,
-    _with_pil_backend,
 )
 
 
@@ -492,13 +490,19 @@ def test_default_shape_round_trips(tmp_path):
     assert out["input_ids"][0].count(loaded.gen_token_id) == 64
 
 
-def test_loading_pins_the_pil_backend():
-    """Where torchvision is installed, AutoImageProcessor picks its backend; loading swaps in the PIL twin."""
-    not_pil = type("SiglipImageProcessor", (BaseImageProcessor,), {})(
-        size={"height": 24, "width": 24}, image_mean=[0.3, 0.3, 0.3], image_std=[0.2, 0.2, 0.2], do_resize=True
-    )
-    pinned = _with_pil_backend(not_pil)
-    assert type(pinned) is SiglipImageProcessorPil
-    assert pinned.size == {"height": 24, "width": 24} and list(pinned.image_mean) == [0.3, 0.3, 0.3]
-    already = SiglipImageProcessorPil()
-    assert _with_pil_backend(already) is already
+def test_loading_takes_the_image_processor_backend(processor, tmp_path):
+    """Both image processors load on the backend `backend` names (AutoImageProcessor's argument), "pil" by default."""
+    processor.save_pretrained(tmp_path)
+    loaded = PiscesProcessor.from_pretrained(tmp_path)
+    assert loaded.image_processor.backend == loaded.gen_image_processor.backend == "pil"
+    assert loaded.tokenizer.backend == "tokenizers"  # the tokenizer's own backend is not touched
+
+    from transformers.models.auto.image_processing_auto import AutoImageProcessor
+
+    # "torchvision" where it is installed; transformers falls back to PIL (with a warning) where it is not.
+    fast = PiscesProcessor.from_pretrained(tmp_path, backend="torchvision")
+    expected = type(AutoImageProcessor.from_pretrained(tmp_path, backend="torchvision"))
+    assert type(fast.image_processor) is expected
+    assert fast.gen_image_processor.backend == fast.image_processor.backend
+    assert fast.gen_image_processor.crop_size == {"height": SIDE, "width": SIDE}
+    assert type(PiscesProcessor.from_pretrained(tmp_path, use_fast=False).gen_image_processor) is CLIPImageProcessorPil
