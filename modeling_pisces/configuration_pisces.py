@@ -54,6 +54,17 @@ CLIP_VIT_L_14_448 = {
 PAPER_TOKEN_IDS = {"image_token_id": 128256, "boi_token_id": 128257, "eoi_token_id": 128258, "gen_token_id": 128259}
 
 
+SUB_CONFIG_ROLES = {
+    "text_config": "the language model",
+    "vision_config": "the understanding encoder",
+    "gen_vision_config": "the generation encoder",
+}
+
+
+class MissingSubConfigError(ValueError):
+    """A Pisces config read from a file or a dict lacks one of its sub-configs."""
+
+
 def _sub_config(value, default: dict) -> PretrainedConfig:
     if value is None:
         value = dict(default)
@@ -111,14 +122,21 @@ class PiscesConfig(PretrainedConfig):
             Standard deviation of the Gaussian noise added, in training only, to the teacher-forced generation vectors
             before `gen_projector`. At inference each `<gen>` input is the model's own earlier prediction, not the
             target; training on noisy inputs keeps its errors from compounding along the sequence (exposure bias).
-        gen_guidance_scale (`float`, *optional*, defaults to 3.0):
-            Default classifier-free guidance scale of `generate_image_embeddings` on the generation vectors.
         unconditional_input_ids (`list[int]`, *optional*):
             Token ids of the unconditional (empty) text-to-image prompt, ending in `<boi>`. `PiscesProcessor`
             defines it (`processor.unconditional_input_ids`); checkpoint builders copy it here so that
             `generate_image_embeddings` can guide without a processor.
         tie_word_embeddings (`bool`, *optional*, defaults to `False`):
             Whether `lm_head` shares its weight with the language model's input embeddings.
+
+    In code, a sub-config left out is the paper's. A config read from a file or a dict (`from_pretrained`,
+    `AutoConfig.from_pretrained`, `from_dict`) must carry all three: one that lacks any raises `MissingSubConfigError`
+    naming it, instead of silently building a paper-size model.
+
+    The default guidance scale of `generate_image_embeddings` is a generation setting:
+    `model.generation_config.gen_guidance_scale`, saved in `generation_config.json`. Checkpoints written before it moved
+    there carry `gen_guidance_scale` here; it is kept as an attribute, and the model reads it only when its generation
+    config lacks the field.
     """
 
     model_type = "pisces"
@@ -139,7 +157,6 @@ class PiscesConfig(PretrainedConfig):
         gen_token_id: int = PAPER_TOKEN_IDS["gen_token_id"],
         gen_loss_weight: float = 1.0,
         gen_input_noise: float = 0.0,
-        gen_guidance_scale: float = 3.0,
         unconditional_input_ids: list[int] | None = None,
         tie_word_embeddings: bool = False,
         **kwargs,
@@ -159,7 +176,6 @@ class PiscesConfig(PretrainedConfig):
         if gen_input_noise < 0:
             raise ValueError(f"gen_input_noise is a standard deviation and must be >= 0, got {gen_input_noise}.")
         self.gen_input_noise = gen_input_noise
-        self.gen_guidance_scale = gen_guidance_scale
         self.unconditional_input_ids = list(unconditional_input_ids) if unconditional_input_ids is not None else None
 
         grid = _patch_grid(self.gen_vision_config)
@@ -180,6 +196,19 @@ class PiscesConfig(PretrainedConfig):
             )
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
 
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs) -> "PiscesConfig":
+        # Every dict-built config (config.json through from_pretrained or AutoConfig, or a dict in code) passes here;
+        # only PiscesConfig() in code may fall back to the paper's sub-configs.
+        missing = [name for name in cls.sub_configs if config_dict.get(name) is None and kwargs.get(name) is None]
+        if missing:
+            raise MissingSubConfigError(
+                f"The Pisces config lacks {' and '.join(missing)} ({', '.join(SUB_CONFIG_ROLES[name] for name in missing)}"
+                "): a checkpoint's config.json names all three sub-configs, as save_pretrained writes them. Add the "
+                "missing one, or build the paper-size default in code with PiscesConfig()."
+            )
+        return super().from_dict(config_dict, **kwargs)
+
     @property
     def num_image_tokens(self) -> int:
         """Understanding tokens per image: the understanding encoder's patch count (729 for SigLIP-384/14)."""
@@ -191,4 +220,4 @@ class PiscesConfig(PretrainedConfig):
         return (_patch_grid(self.gen_vision_config) // self.gen_pool_size) ** 2
 
 
-__all__ = ["PiscesConfig"]
+__all__ = ["MissingSubConfigError", "PiscesConfig"]

@@ -6,17 +6,21 @@ Generation: image -> gen_vision_tower (frozen) -> average pool -> m targets. The
 target i+1 from the hidden state at `<gen>`_i (target 1 from `<boi>`) with an MSE loss.
 """
 
+import functools
 import inspect
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModel, GenerationMixin, PreTrainedModel
+from transformers import AutoModel, GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.llama.modeling_llama import LlamaModel
 from transformers.utils import ModelOutput
+from transformers.utils.deprecation import deprecate_kwarg
+from transformers.utils.generic import can_return_tuple
 
 from .configuration_pisces import PiscesConfig
 
@@ -25,9 +29,45 @@ from .configuration_pisces import PiscesConfig
 # name. Decided once here; every call into the language model and every output uses CACHE_KWARG.
 CACHE_KWARG = "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
 
+# Default classifier-free guidance scale of `generate_image_embeddings` on the generation vectors, for a generation
+# config that does not set `gen_guidance_scale` (and a model config that does not carry the legacy field).
+DEFAULT_GEN_GUIDANCE_SCALE = 3.0
+
+
+def _accepts_old_cache_name(forward):
+    """
+    Lets `forward(cache=...)` also be called with `past_key_values=...`. On transformers >= 5.24 the old name is
+    deprecated there, so it warns through the library's own helper, as its models do; before 5.24 it is the library's
+    only name, so it is accepted silently and is the name the signature shows.
+    """
+    if CACHE_KWARG == "cache":
+        # The removal version transformers' own models announce for the old name.
+        return deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")(forward)
+
+    @functools.wraps(forward)
+    def wrapper(self, *args, **kwargs):
+        if "past_key_values" in kwargs:
+            if kwargs.get("cache") is not None:
+                raise ValueError("Pass the KV cache once, as past_key_values (or cache), not both.")
+            kwargs["cache"] = kwargs.pop("past_key_values")
+        return forward(self, *args, **kwargs)
+
+    signature = inspect.signature(forward)
+    wrapper.__signature__ = signature.replace(
+        parameters=[p.replace(name="past_key_values") if p.name == "cache" else p for p in signature.parameters.values()]
+    )
+    return wrapper
+
+
+class PiscesModelOutput(ModelOutput):
+    """Base of the Pisces outputs: as a tuple (`return_dict=False`), the nested encoder outputs are tuples too."""
+
+    def to_tuple(self) -> tuple:
+        return tuple(value.to_tuple() if isinstance(value, ModelOutput) else value for value in self.values())
+
 
 @dataclass
-class PiscesModelOutputWithPast(ModelOutput):
+class PiscesModelOutputWithPast(PiscesModelOutput):
     """
     Output of [`PiscesModel`].
 
@@ -35,11 +75,18 @@ class PiscesModelOutputWithPast(ModelOutput):
         last_hidden_state (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`):
             Last hidden state of the language model.
         cache (`Cache`, *optional*; named `past_key_values` on transformers < 5.24):
-            The language model's KV cache, returned when `use_cache=True`.
+            The language model's KV cache, returned when `use_cache=True`. The field takes the installed library's
+            name, because `generate` reads it by that name; `output.past_key_values` reads it on every version
+            (transformers >= 5.24 maps it to `cache` with a deprecation warning).
         hidden_states, attentions (*optional*):
             The language model's per-layer hidden states and attention weights, when requested.
-        gen_targets (`torch.FloatTensor` of shape `(num_gen_images, num_gen_tokens, gen_hidden_size)`, *optional*):
-            Pooled generation-encoder features of `gen_pixel_values`: the regression targets.
+        image_outputs (`BaseModelOutputWithPooling`, *optional*):
+            The understanding encoder's output for `pixel_values` (see [`PiscesModel.get_image_features`]):
+            `pooler_output` holds the projected features that replaced the `<image>` placeholders; `hidden_states` /
+            `attentions` are the encoder's, when requested.
+        gen_image_outputs (`BaseModelOutputWithPooling`, *optional*):
+            The generation encoder's output for `gen_pixel_values` (see [`PiscesModel.get_gen_image_features`]):
+            `pooler_output` of shape `(num_gen_images, num_gen_tokens, gen_hidden_size)` holds the pooled targets.
     """
 
     last_hidden_state: torch.FloatTensor | None = None
@@ -49,11 +96,12 @@ class PiscesModelOutputWithPast(ModelOutput):
         past_key_values: Cache | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
-    gen_targets: torch.FloatTensor | None = None
+    image_outputs: BaseModelOutputWithPooling | None = None
+    gen_image_outputs: BaseModelOutputWithPooling | None = None
 
 
 @dataclass
-class PiscesCausalLMOutputWithPast(ModelOutput):
+class PiscesCausalLMOutputWithPast(PiscesModelOutput):
     """
     Output of [`PiscesForConditionalGeneration`].
 
@@ -61,7 +109,8 @@ class PiscesCausalLMOutputWithPast(ModelOutput):
         loss (`torch.FloatTensor` of shape `()`, *optional*):
             `lm_loss + config.gen_loss_weight * gen_loss`, over the terms that are present.
         lm_loss (`torch.FloatTensor` of shape `()`, *optional*):
-            Next-token cross-entropy on `labels` (positions with -100 ignored); present when `labels` is given.
+            Next-token cross-entropy on `labels` (or `shift_labels`), positions with -100 ignored; present when there is
+            a label to score.
         gen_loss (`torch.FloatTensor` of shape `()`, *optional*):
             Mean squared error of the predicted generation vectors against the targets; present when
             `gen_pixel_values` is given.
@@ -70,11 +119,13 @@ class PiscesCausalLMOutputWithPast(ModelOutput):
         gen_embeds (`torch.FloatTensor` of shape `(num_gen_images, num_gen_tokens, gen_hidden_size)`, *optional*):
             The generation vectors predicted by `gen_head` (teacher-forced), one row per image in `gen_pixel_values`.
         gen_targets (`torch.FloatTensor`, same shape as `gen_embeds`, *optional*):
-            The targets they regress.
+            The targets they regress (`gen_image_outputs.pooler_output`, without gradients).
         cache (`Cache`, *optional*; named `past_key_values` on transformers < 5.24):
-            The language model's KV cache.
+            The language model's KV cache; see [`PiscesModelOutputWithPast`] for the name.
         hidden_states, attentions (*optional*):
             The language model's per-layer hidden states and attention weights, when requested.
+        image_outputs, gen_image_outputs (`BaseModelOutputWithPooling`, *optional*):
+            The encoders' outputs; see [`PiscesModelOutputWithPast`].
     """
 
     loss: torch.FloatTensor | None = None
@@ -89,6 +140,8 @@ class PiscesCausalLMOutputWithPast(ModelOutput):
         past_key_values: Cache | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
+    image_outputs: BaseModelOutputWithPooling | None = None
+    gen_image_outputs: BaseModelOutputWithPooling | None = None
 
 
 class PiscesMLP(nn.Module):
@@ -110,21 +163,35 @@ class PiscesPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
-    # The blocks that must stay on one device are gathered from the sub-models (decoder and encoder layers) by
-    # `post_init`, so a Qwen2 or Llama text model both get theirs.
-    _no_split_modules = ["PiscesMLP"]
+    # The blocks that must stay on one device (decoder and encoder layers) are gathered from the sub-models by
+    # `post_init`, so a Qwen2 or a Llama text model both bring theirs; the MLPs here may be split freely.
+    _no_split_modules = []
     _skip_keys_device_placement = [CACHE_KWARG]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
     _supports_attention_backend = True
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        loaded = super().from_pretrained(*args, **kwargs)
+        # Loading puts new parameters in place, all trainable; the generation encoder stays frozen as built.
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        for module in model.modules():
+            if isinstance(module, PiscesModel):
+                module.gen_vision_tower.requires_grad_(False)
+        return loaded
 
-def _select_vision_features(vision_tower: nn.Module, pixel_values: torch.Tensor, layer: int) -> torch.Tensor:
-    """Hidden state `layer` of a vision tower; -1 is its `last_hidden_state` (post-layernorm where it has one)."""
-    if layer == -1:
-        return vision_tower(pixel_values=pixel_values).last_hidden_state
-    return vision_tower(pixel_values=pixel_values, output_hidden_states=True).hidden_states[layer]
+
+def _encoder_outputs(name: str, outputs) -> BaseModelOutputWithPooling:
+    """`mm_encoder_outputs[name]` checked: an encoder output (as `get_*_features` returns) with a `pooler_output`."""
+    if getattr(outputs, "pooler_output", None) is None:
+        raise TypeError(
+            f"mm_encoder_outputs[{name!r}] must be an encoder output with a pooler_output, as "
+            f"{'get_image_features' if name == 'image' else 'get_gen_image_features'} returns; got "
+            f"{type(outputs).__name__}."
+        )
+    return outputs
 
 
 class PiscesModel(PiscesPreTrainedModel):
@@ -135,6 +202,10 @@ class PiscesModel(PiscesPreTrainedModel):
         hidden_size = config.text_config.hidden_size
         self.vision_tower = AutoModel.from_config(config.vision_config)
         self.gen_vision_tower = AutoModel.from_config(config.gen_vision_config)
+        # The generation encoder only defines the targets; nothing trains it with the language model. Frozen from
+        # construction, so optimizers, the Trainer's counts and DDP never see it; code that does train it (encoder
+        # pretraining) unfreezes it explicitly.
+        self.gen_vision_tower.requires_grad_(False)
         act = config.projector_hidden_act
         self.und_projector = PiscesMLP(config.vision_config.hidden_size, hidden_size, hidden_size, act)
         self.gen_projector = PiscesMLP(config.gen_vision_config.hidden_size, hidden_size, hidden_size, act)
@@ -147,39 +218,69 @@ class PiscesModel(PiscesPreTrainedModel):
     def set_input_embeddings(self, value: nn.Module):
         self.language_model.set_input_embeddings(value)
 
-    def get_image_features(self, pixel_values: torch.FloatTensor) -> torch.FloatTensor:
+    def get_image_features(
+        self,
+        pixel_values: torch.FloatTensor,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPooling | tuple:
         """
         Understanding features, projected into the language model's width.
 
         Args:
             pixel_values (`torch.FloatTensor` of shape `(num_images, 3, height, width)`): from the image processor.
+            output_hidden_states, output_attentions (`bool`, *optional*): passed to the vision tower.
+            return_dict (`bool`, *optional*): `False` returns the output as a tuple.
+            kwargs: passed to the vision tower.
 
         Returns:
-            `torch.FloatTensor` of shape `(num_images, config.num_image_tokens, text_hidden_size)`.
+            `BaseModelOutputWithPooling`: the vision tower's `last_hidden_state`, `hidden_states` and `attentions`,
+            and as `pooler_output` the projected features of shape
+            `(num_images, config.num_image_tokens, text_hidden_size)` (hidden state `config.vision_feature_layer`).
         """
-        pixel_values = pixel_values.to(self.vision_tower.dtype)
-        features = _select_vision_features(self.vision_tower, pixel_values, self.config.vision_feature_layer)
-        return self.und_projector(features)
+        layer = self.config.vision_feature_layer
+        tower_outputs = self.vision_tower(
+            pixel_values=pixel_values.to(self.vision_tower.dtype),
+            output_hidden_states=True if layer != -1 else output_hidden_states,
+            output_attentions=output_attentions,
+            return_dict=True,
+            **kwargs,
+        )
+        features = tower_outputs.last_hidden_state if layer == -1 else tower_outputs.hidden_states[layer]
+        outputs = BaseModelOutputWithPooling(
+            last_hidden_state=tower_outputs.last_hidden_state,
+            pooler_output=self.und_projector(features),
+            hidden_states=tower_outputs.hidden_states,
+            attentions=tower_outputs.attentions,
+        )
+        return outputs if return_dict is not False else outputs.to_tuple()
 
-    @torch.no_grad()
-    def get_gen_targets(self, gen_pixel_values: torch.FloatTensor) -> torch.FloatTensor:
+    def get_gen_image_features(
+        self,
+        gen_pixel_values: torch.FloatTensor,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPooling | tuple:
         """
-        Generation targets: `get_gen_features` without gradients (the targets are constants; the generation encoder
-        is frozen while the LLM learns to regress them). `(num_images, num_gen_tokens, gen_hidden_size)`.
-        """
-        return self.get_gen_features(gen_pixel_values)
-
-    def get_gen_features(self, gen_pixel_values: torch.FloatTensor) -> torch.FloatTensor:
-        """
-        The generation encoder's patch features (class token dropped), average-pooled `gen_pool_size x gen_pool_size`
-        over the patch grid, with gradients (for training the encoder itself; see `get_gen_targets`).
+        The generation encoder's patch features (class token dropped) at hidden state
+        `config.gen_vision_feature_layer`, average-pooled `gen_pool_size x gen_pool_size` over the patch grid: the
+        generation targets. The encoder is frozen, so they carry no gradient unless it is unfrozen (`forward` always
+        detaches them).
 
         Args:
             gen_pixel_values (`torch.FloatTensor` of shape `(num_images, 3, height, width)`): from the gen image processor.
+            output_hidden_states, output_attentions (`bool`, *optional*): passed to the generation encoder.
+            return_dict (`bool`, *optional*): `False` returns the output as a tuple.
+            kwargs: passed to the generation encoder.
 
         Returns:
-            `torch.FloatTensor` of shape `(num_images, config.num_gen_tokens, gen_hidden_size)`, row-major over the
-            pooled grid.
+            `BaseModelOutputWithPooling`: the encoder's `last_hidden_state`, `hidden_states` and `attentions`, and as
+            `pooler_output` the pooled features of shape `(num_images, config.num_gen_tokens, gen_hidden_size)`,
+            row-major over the pooled grid.
         """
         gen_config = self.config.gen_vision_config
         side = gen_config.image_size
@@ -188,17 +289,49 @@ class PiscesModel(PiscesPreTrainedModel):
                 f"gen_pixel_values must be {side}x{side} (the generation encoder's image_size), got "
                 f"{tuple(gen_pixel_values.shape[-2:])}; prepare them with the processor's gen_image_processor."
             )
-        gen_pixel_values = gen_pixel_values.to(self.gen_vision_tower.dtype)
-        features = _select_vision_features(
-            self.gen_vision_tower, gen_pixel_values, self.config.gen_vision_feature_layer
+        layer = self.config.gen_vision_feature_layer
+        tower_outputs = self.gen_vision_tower(
+            pixel_values=gen_pixel_values.to(self.gen_vision_tower.dtype),
+            output_hidden_states=True if layer != -1 else output_hidden_states,
+            output_attentions=output_attentions,
+            return_dict=True,
+            **kwargs,
         )
+        features = tower_outputs.last_hidden_state if layer == -1 else tower_outputs.hidden_states[layer]
         grid = side // gen_config.patch_size
         if features.shape[1] == grid * grid + 1:  # CLIP-like encoders put a class token first
             features = features[:, 1:]
         num_images, _, width = features.shape
         features = features.transpose(1, 2).reshape(num_images, width, grid, grid)
-        pooled = F.avg_pool2d(features, kernel_size=self.config.gen_pool_size)
-        return pooled.flatten(2).transpose(1, 2)
+        pooled = F.avg_pool2d(features, kernel_size=self.config.gen_pool_size).flatten(2).transpose(1, 2)
+        outputs = BaseModelOutputWithPooling(
+            last_hidden_state=tower_outputs.last_hidden_state,
+            pooler_output=pooled,
+            hidden_states=tower_outputs.hidden_states,
+            attentions=tower_outputs.attentions,
+        )
+        return outputs if return_dict is not False else outputs.to_tuple()
+
+    @torch.no_grad()
+    def get_gen_targets(self, gen_pixel_values: torch.FloatTensor) -> torch.FloatTensor:
+        """Old name: `get_gen_image_features(gen_pixel_values).pooler_output`, without gradients."""
+        return self.get_gen_image_features(gen_pixel_values).pooler_output
+
+    def get_gen_features(self, gen_pixel_values: torch.FloatTensor) -> torch.FloatTensor:
+        """Old name: `get_gen_image_features(gen_pixel_values).pooler_output`."""
+        return self.get_gen_image_features(gen_pixel_values).pooler_output
+
+    def token_mask(
+        self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor | None, token_id: int
+    ) -> torch.BoolTensor:
+        """
+        Mask `(batch_size, sequence_length)` of the positions holding `token_id`: from `input_ids`, or, without them,
+        from `inputs_embeds` (positions whose input embedding is exactly that token's).
+        """
+        if input_ids is not None:
+            return input_ids == token_id
+        token_embedding = self.get_input_embeddings()(torch.tensor(token_id, device=inputs_embeds.device))
+        return (inputs_embeds == token_embedding.to(inputs_embeds.dtype)).all(-1)
 
     def get_placeholder_mask(
         self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor, token_id: int, features: torch.Tensor
@@ -207,11 +340,7 @@ class PiscesModel(PiscesPreTrainedModel):
         Mask `(batch_size, sequence_length, 1)` of the placeholder positions of `token_id`, checked against the number
         of feature vectors to scatter there.
         """
-        if input_ids is None:
-            token_embedding = self.get_input_embeddings()(torch.tensor(token_id, device=inputs_embeds.device))
-            mask = (inputs_embeds == token_embedding).all(-1)
-        else:
-            mask = input_ids == token_id
+        mask = self.token_mask(input_ids, inputs_embeds, token_id)
         num_placeholders = int(mask.sum())
         num_items, per_item = features.shape[0], features.shape[1]
         if num_placeholders != num_items * per_item:
@@ -224,6 +353,8 @@ class PiscesModel(PiscesPreTrainedModel):
             )
         return mask.unsqueeze(-1).to(inputs_embeds.device)
 
+    @can_return_tuple
+    @_accepts_old_cache_name
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -233,49 +364,81 @@ class PiscesModel(PiscesPreTrainedModel):
         inputs_embeds: torch.FloatTensor | None = None,
         pixel_values: torch.FloatTensor | None = None,
         gen_pixel_values: torch.FloatTensor | None = None,
+        mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
         use_cache: bool | None = None,
         **kwargs,
-    ) -> PiscesModelOutputWithPast:
+    ) -> PiscesModelOutputWithPast | tuple:
         r"""
         Args:
             input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
                 Token ids, with `config.num_image_tokens` `<image>` placeholders per image in `pixel_values` and
                 `config.num_gen_tokens` `<gen>` placeholders per image in `gen_pixel_values`.
+            inputs_embeds (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`, *optional*):
+                Instead of `input_ids`; the placeholders are found where the embedding is exactly the `<image>` /
+                `<gen>` token's.
             pixel_values (`torch.FloatTensor` of shape `(num_images, 3, H, W)`, *optional*):
                 Images to understand, in placeholder order.
             gen_pixel_values (`torch.FloatTensor` of shape `(num_gen_images, 3, H', W')`, *optional*):
                 Images to generate (teacher forcing), in `<gen>` block order.
+            mm_encoder_outputs (`dict[str, BaseModelOutputWithPooling]`, *optional*):
+                Images already encoded, instead of pixels: `"image"` as `get_image_features(pixel_values)` returns it,
+                `"gen_image"` as `get_gen_image_features(gen_pixel_values)` returns it (an earlier output's
+                `image_outputs` / `gen_image_outputs` fit). Only their `pooler_output` is read.
             cache (`Cache`, *optional*):
-                KV cache (also accepted as `past_key_values`).
+                KV cache (also accepted as `past_key_values`, the name before transformers 5.24).
+            kwargs:
+                Passed to the language model; `output_hidden_states` / `output_attentions` reach the vision towers too.
+
+        Returns:
+            [`PiscesModelOutputWithPast`], or a tuple with `return_dict=False`.
         """
-        cache = cache if cache is not None else kwargs.pop("past_key_values", None)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
+        mm_encoder_outputs = dict(mm_encoder_outputs or {})
+        encoder_flags = {key: kwargs[key] for key in ("output_hidden_states", "output_attentions") if key in kwargs}
 
         if pixel_values is not None:
-            image_features = self.get_image_features(pixel_values).to(inputs_embeds.device, inputs_embeds.dtype)
-            mask = self.get_placeholder_mask(input_ids, inputs_embeds, self.config.image_token_id, image_features)
-            inputs_embeds = inputs_embeds.masked_scatter(mask, image_features)
-
-        gen_targets = None
+            if mm_encoder_outputs.get("image") is not None:
+                raise ValueError("Pass pixel_values or mm_encoder_outputs['image'], not both.")
+            mm_encoder_outputs["image"] = self.get_image_features(pixel_values, return_dict=True, **encoder_flags)
         if gen_pixel_values is not None:
-            if input_ids is None:
-                raise ValueError("gen_pixel_values needs input_ids, to find the <boi> and <gen> positions.")
-            gen_targets = self.get_gen_targets(gen_pixel_values)
+            if mm_encoder_outputs.get("gen_image") is not None:
+                raise ValueError("Pass gen_pixel_values or mm_encoder_outputs['gen_image'], not both.")
+            # The targets are constants for the language model: no graph through the generation encoder, even when
+            # someone has unfrozen it.
+            with torch.no_grad():
+                mm_encoder_outputs["gen_image"] = self.get_gen_image_features(
+                    gen_pixel_values, return_dict=True, **encoder_flags
+                )
+        image_outputs = mm_encoder_outputs.get("image")
+        gen_image_outputs = mm_encoder_outputs.get("gen_image")
+
+        # Both masks come from the inputs as given, before any placeholder is overwritten.
+        image_mask = gen_mask = None
+        if image_outputs is not None:
+            image_features = _encoder_outputs("image", image_outputs).pooler_output
+            image_features = image_features.to(inputs_embeds.device, inputs_embeds.dtype)
+            image_mask = self.get_placeholder_mask(input_ids, inputs_embeds, self.config.image_token_id, image_features)
+        if gen_image_outputs is not None:
+            gen_targets = _encoder_outputs("gen_image", gen_image_outputs).pooler_output.detach()
             gen_inputs = gen_targets
             if self.training and self.config.gen_input_noise > 0:
                 gen_inputs = gen_targets + self.config.gen_input_noise * torch.randn_like(gen_targets)
             gen_inputs = self.gen_projector(gen_inputs).to(inputs_embeds.device, inputs_embeds.dtype)
-            mask = self.get_placeholder_mask(input_ids, inputs_embeds, self.config.gen_token_id, gen_inputs)
-            inputs_embeds = inputs_embeds.masked_scatter(mask, gen_inputs)
+            gen_mask = self.get_placeholder_mask(input_ids, inputs_embeds, self.config.gen_token_id, gen_inputs)
+        if image_mask is not None:
+            inputs_embeds = inputs_embeds.masked_scatter(image_mask, image_features)
+        if gen_mask is not None:
+            inputs_embeds = inputs_embeds.masked_scatter(gen_mask, gen_inputs)
 
         outputs = self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
             use_cache=use_cache,
+            return_dict=True,
             **{CACHE_KWARG: cache},
             **kwargs,
         )
@@ -283,7 +446,8 @@ class PiscesModel(PiscesPreTrainedModel):
             last_hidden_state=outputs.last_hidden_state,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
-            gen_targets=gen_targets,
+            image_outputs=image_outputs,
+            gen_image_outputs=gen_image_outputs,
             **{CACHE_KWARG: getattr(outputs, CACHE_KWARG, None)},
         )
 
@@ -305,12 +469,19 @@ class PiscesForConditionalGeneration(PiscesPreTrainedModel, GenerationMixin):
 
     - `generate(input_ids, pixel_values=...)`: understanding, the stock transformers text generation.
     - `generate_image_embeddings(input_ids, attention_mask, guidance_scale=...)`: the `num_gen_tokens` generation
-      vectors for text-to-image prompts, which a diffusion decoder turns into pixels.
+      vectors for text-to-image prompts, which a diffusion decoder turns into pixels. Its defaults live in
+      `generation_config` (`gen_guidance_scale`), saved in `generation_config.json`.
     """
 
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
-    # `forward` takes **kwargs (for the language model), from which the Trainer would infer that the loss is normalized
-    # over gradient-accumulation steps and processes by the model itself; it is a plain mean per batch.
+    # Tensor parallelism: the language model's own plan (gathered by `post_init`) shards `embed_tokens` over the
+    # vocabulary; `lm_head` is sharded over the same dimension, so a tied pair stays one tensor split one way. The
+    # encoders, projectors and `gen_head` stay replicated.
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+    # With `accepts_loss_kwargs`, the Trainer would pass `num_items_in_batch` and stop dividing the loss by the
+    # gradient-accumulation steps, trusting the model to normalize over the whole accumulated batch. Only the text term
+    # can be (a token count); the generation MSE is a mean over this batch's vectors, which the Trainer does not count.
+    # So the Trainer scales the loss itself; `shift_labels` still reaches `forward` as part of the batch.
     accepts_loss_kwargs = False
 
     def __init__(self, config: PiscesConfig):
@@ -324,6 +495,31 @@ class PiscesForConditionalGeneration(PiscesPreTrainedModel, GenerationMixin):
             config.projector_hidden_act,
         )
         self.post_init()
+        if config.tie_word_embeddings and self._tp_plan:
+            # A tied lm_head is the input embedding matrix: it must be sharded over the vocabulary there too. The
+            # language model's plan says so by itself on transformers >= 5.24, before only when its own config ties.
+            embeddings = self.get_input_embeddings()
+            name = next(name for name, module in self.named_modules() if module is embeddings)
+            self._tp_plan.setdefault(name, "embedding_rowwise")
+
+    @property
+    def generation_config(self) -> GenerationConfig | None:
+        """
+        The generation defaults, text and image: besides the standard fields, `gen_guidance_scale`, the default
+        guidance scale of `generate_image_embeddings` (it is not the standard `guidance_scale`, which would make text
+        `generate` guide the logits).
+        """
+        return self.__dict__.get("_generation_config")
+
+    @generation_config.setter
+    def generation_config(self, value: GenerationConfig | None):
+        # Every generation config the model gets (built from the model config, loaded from generation_config.json,
+        # assigned by the user) carries `gen_guidance_scale`. Checkpoints written before it moved here keep it in
+        # config.json; a generation config that lacks it takes it from there, so they load with the same behaviour.
+        if value is not None and getattr(value, "gen_guidance_scale", None) is None:
+            legacy = getattr(self.config, "gen_guidance_scale", None)
+            value.gen_guidance_scale = DEFAULT_GEN_GUIDANCE_SCALE if legacy is None else legacy
+        self.__dict__["_generation_config"] = value
 
     def get_input_embeddings(self) -> nn.Module:
         return self.model.get_input_embeddings()
@@ -337,14 +533,22 @@ class PiscesForConditionalGeneration(PiscesPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, new_embeddings: nn.Module):
         self.lm_head = new_embeddings
 
-    def get_image_features(self, pixel_values: torch.FloatTensor) -> torch.FloatTensor:
-        """See [`PiscesModel.get_image_features`]: `(num_images, num_image_tokens, text_hidden_size)`."""
-        return self.model.get_image_features(pixel_values)
+    def get_image_features(self, pixel_values: torch.FloatTensor, **kwargs) -> BaseModelOutputWithPooling | tuple:
+        """See [`PiscesModel.get_image_features`]: `pooler_output` is `(num_images, num_image_tokens, text_hidden)`."""
+        return self.model.get_image_features(pixel_values, **kwargs)
+
+    def get_gen_image_features(
+        self, gen_pixel_values: torch.FloatTensor, **kwargs
+    ) -> BaseModelOutputWithPooling | tuple:
+        """See [`PiscesModel.get_gen_image_features`]: `pooler_output` is `(num_images, num_gen_tokens, gen_hidden)`."""
+        return self.model.get_gen_image_features(gen_pixel_values, **kwargs)
 
     def get_gen_targets(self, gen_pixel_values: torch.FloatTensor) -> torch.FloatTensor:
-        """See [`PiscesModel.get_gen_targets`]: `(num_images, num_gen_tokens, gen_hidden_size)`."""
+        """Old name: `get_gen_image_features(gen_pixel_values).pooler_output`, without gradients."""
         return self.model.get_gen_targets(gen_pixel_values)
 
+    @can_return_tuple
+    @_accepts_old_cache_name
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -354,29 +558,45 @@ class PiscesForConditionalGeneration(PiscesPreTrainedModel, GenerationMixin):
         inputs_embeds: torch.FloatTensor | None = None,
         pixel_values: torch.FloatTensor | None = None,
         gen_pixel_values: torch.FloatTensor | None = None,
+        mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
         labels: torch.LongTensor | None = None,
+        shift_labels: torch.LongTensor | None = None,
+        num_items_in_batch: int | torch.Tensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
-    ) -> PiscesCausalLMOutputWithPast:
+    ) -> PiscesCausalLMOutputWithPast | tuple:
         r"""
         Args:
             input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
                 Token ids; see [`PiscesModel.forward`] for the placeholders. A generation sample reads
-                `prompt <boi> <gen>*m <eoi>`.
+                `prompt <boi> <gen>*m <eoi>`. `inputs_embeds` may replace them (see [`PiscesModel.forward`]).
             pixel_values (`torch.FloatTensor` of shape `(num_images, 3, H, W)`, *optional*):
                 Images to understand.
             gen_pixel_values (`torch.FloatTensor` of shape `(num_gen_images, 3, H', W')`, *optional*):
-                Images to generate; gives `gen_loss`, the MSE of `gen_head` at `<boi>` and every `<gen>` but the last
-                against the next target.
+                Images to generate; gives `gen_loss`, the MSE of `gen_head` at the position before each `<gen>` (the
+                `<boi>`, then every `<gen>` but the last) against that `<gen>`'s target.
+            mm_encoder_outputs (`dict[str, BaseModelOutputWithPooling]`, *optional*):
+                Already encoded images instead of pixels; see [`PiscesModel.forward`].
             labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
                 Text labels, unshifted, -100 where no loss is taken (placeholders, prompts). The `<eoi>` after the last
                 `<gen>` is labelled to end the image.
+            shift_labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+                Labels already aligned with the positions (`shift_labels[:, t]` is what position `t` predicts), as
+                context- and sequence-parallel training give them for a shard of a longer sequence, whose last
+                position predicts a token of the next shard. They replace `labels` and nothing is shifted again.
+                The generation loss pairs the hidden state at `t` with the `<gen>` at `t + 1`, inside the input: a
+                shard must hold each `<boi> <gen>*m` block whole, with its image in `gen_pixel_values` (its `<eoi>`
+                may open the next shard); a block cut by the shard boundary is an error.
+            num_items_in_batch (`int` or `torch.Tensor`, *optional*):
+                Number of text targets over the whole (accumulated, gathered) batch: `lm_loss` becomes the sum of the
+                cross-entropies divided by it, transformers' convention for gradient accumulation. `gen_loss` stays the
+                mean over this batch's vectors. The stock Trainer does not pass it (see `accepts_loss_kwargs`).
             logits_to_keep (`int` or `torch.Tensor`, *optional*):
                 Compute logits only for the last `logits_to_keep` positions (0: all).
 
         Returns:
-            [`PiscesCausalLMOutputWithPast`].
+            [`PiscesCausalLMOutputWithPast`], or a tuple with `return_dict=False`.
         """
         outputs = self.model(
             input_ids=input_ids,
@@ -386,7 +606,9 @@ class PiscesForConditionalGeneration(PiscesPreTrainedModel, GenerationMixin):
             inputs_embeds=inputs_embeds,
             pixel_values=pixel_values,
             gen_pixel_values=gen_pixel_values,
+            mm_encoder_outputs=mm_encoder_outputs,
             use_cache=use_cache,
+            return_dict=True,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
@@ -394,15 +616,20 @@ class PiscesForConditionalGeneration(PiscesPreTrainedModel, GenerationMixin):
         logits = self.lm_head(hidden_states[:, keep, :])
 
         lm_loss = None
-        if labels is not None and bool((labels != -100).any()):
-            lm_loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size)
+        text_targets = shift_labels if shift_labels is not None else labels
+        if text_targets is not None and bool((text_targets != -100).any()):
+            lm_loss = self.loss_function(
+                logits=logits,
+                labels=labels,
+                vocab_size=self.config.text_config.vocab_size,
+                num_items_in_batch=num_items_in_batch,
+                shift_labels=shift_labels,
+            )
 
         gen_embeds = gen_targets = gen_loss = None
-        if outputs.gen_targets is not None:
-            gen_targets = outputs.gen_targets
-            # The hidden state before each <gen> (at <boi> or the previous <gen>) predicts that <gen>'s target.
-            predicts_gen = torch.zeros_like(input_ids, dtype=torch.bool)
-            predicts_gen[:, :-1] = input_ids[:, 1:] == self.config.gen_token_id
+        if outputs.gen_image_outputs is not None:
+            gen_targets = outputs.gen_image_outputs.pooler_output.detach()
+            predicts_gen = self._gen_prediction_mask(input_ids, inputs_embeds, gen_targets)
             gen_embeds = self.gen_head(hidden_states[predicts_gen.to(hidden_states.device)])
             gen_embeds = gen_embeds.view(gen_targets.shape)
             gen_loss = F.mse_loss(gen_embeds.float(), gen_targets.to(gen_embeds.device).float())
@@ -424,8 +651,31 @@ class PiscesForConditionalGeneration(PiscesPreTrainedModel, GenerationMixin):
             gen_targets=gen_targets,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
+            image_outputs=outputs.image_outputs,
+            gen_image_outputs=outputs.gen_image_outputs,
             **{CACHE_KWARG: getattr(outputs, CACHE_KWARG)},
         )
+
+    def _gen_prediction_mask(
+        self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor | None, gen_targets: torch.Tensor
+    ) -> torch.BoolTensor:
+        """
+        Mask `(batch_size, sequence_length)` of the positions whose hidden state predicts a generation vector: the one
+        before each `<gen>`, in order, so the j-th masked position regresses the j-th target.
+        """
+        is_gen = self.model.token_mask(input_ids, inputs_embeds, self.config.gen_token_id)
+        if bool(is_gen[:, 0].any()):
+            raise ValueError(
+                "A <gen> placeholder opens the sequence, so the position that predicts its vector is not in the input: "
+                "a <boi> <gen>*m block was cut (by truncation, or by sharding the sequence). Keep each block, from its "
+                "<boi>, inside one input."
+            )
+        predicts_gen = torch.zeros_like(is_gen)
+        predicts_gen[:, :-1] = is_gen[:, 1:]
+        is_boi = self.model.token_mask(input_ids, inputs_embeds, self.config.boi_token_id)
+        if not bool((is_boi | is_gen)[predicts_gen].all()):
+            raise ValueError("Every block of <gen> placeholders must follow a <boi> token: `<boi> <gen>*m <eoi>`.")
+        return predicts_gen
 
     @torch.no_grad()
     def generate_image_embeddings(
@@ -450,7 +700,7 @@ class PiscesForConditionalGeneration(PiscesPreTrainedModel, GenerationMixin):
                 Left-padded prompts, each ending in `<boi>` (`PiscesProcessor(text=..., generation_mode="image")`).
             attention_mask (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
                 1 for tokens, 0 for left padding.
-            guidance_scale (`float`, *optional*, defaults to `config.gen_guidance_scale`):
+            guidance_scale (`float`, *optional*, defaults to `generation_config.gen_guidance_scale`):
                 Classifier-free guidance scale on the vectors; 1 turns guidance off.
             negative_input_ids, negative_attention_mask (`torch.LongTensor` of shape `(batch_size, length)`, *optional*):
                 Unconditional (or negative) prompts, one per row, ending in `<boi>`. Defaults to
@@ -464,7 +714,8 @@ class PiscesForConditionalGeneration(PiscesPreTrainedModel, GenerationMixin):
             `torch.FloatTensor` of shape `(batch_size, num_gen_tokens, gen_hidden_size)`, in the model's dtype.
         """
         config = self.config
-        guidance_scale = config.gen_guidance_scale if guidance_scale is None else guidance_scale
+        if guidance_scale is None:
+            guidance_scale = self.generation_config.gen_guidance_scale
         if guidance_scale < 1:
             raise ValueError(f"guidance_scale must be >= 1 (1 disables guidance), got {guidance_scale}.")
         if attention_mask is None:

@@ -37,6 +37,7 @@ import pisces  # noqa: F401  (registers the Auto classes and pipelines)
 from pisces import PiscesForConditionalGeneration, PiscesModel, PiscesPipeline, PiscesProcessor
 from pisces.conversion import SourceError, assemble_checkpoint, build_decoder, build_tiny_vae, choose_gen_pool_size
 from pisces.conversion.tokenizer import DEFAULT_CORPUS
+from pisces.modeling_pisces import DEFAULT_GEN_GUIDANCE_SCALE
 from pisces.training.cli import main
 
 
@@ -287,6 +288,9 @@ def test_tokenizer_and_processor(components, llama_checkpoint, qwen_checkpoint):
     assert vocab["<|im_end|>"] in np.atleast_1d(generation["eos_token_id"])
     assert set(generation["suppress_tokens"]) == {vocab["<image>"], vocab["<gen>"]}
     assert generation["pad_token_id"] == vocab["<|endoftext|>"]
+    # The default guidance on the vectors is a generation setting, beside the text ones, not a model-config field.
+    assert generation["gen_guidance_scale"] == DEFAULT_GEN_GUIDANCE_SCALE and "guidance_scale" not in generation
+    assert "gen_guidance_scale" not in config
 
 
 def test_the_folder_is_what_the_pipeline_saves(llama_checkpoint, tmp_path):

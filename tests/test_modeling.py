@@ -80,7 +80,7 @@ def test_gen_targets_are_the_pooled_patch_features_without_class_token(tiny_mode
     a = config.gen_pool_size
     # Average each a x a block of the row-major patch grid by hand.
     blocks = features.reshape(2, grid // a, a, grid // a, a, -1).mean(dim=(2, 4)).reshape(2, -1, features.shape[-1])
-    torch.testing.assert_close(tiny_model.get_gen_targets(pixels), blocks)
+    torch.testing.assert_close(tiny_model.get_gen_image_features(pixels).pooler_output, blocks)
 
 
 def test_gen_loss_is_taken_one_position_before_each_gen_token(tiny_model):
@@ -98,7 +98,7 @@ def test_gen_loss_is_taken_one_position_before_each_gen_token(tiny_model):
 def test_gen_inputs_are_the_projected_targets(tiny_model):
     config = tiny_model.config
     batch = generation_batch(config)
-    targets = tiny_model.get_gen_targets(batch["gen_pixel_values"])
+    targets = tiny_model.get_gen_image_features(batch["gen_pixel_values"]).pooler_output
     is_gen = batch["input_ids"] == config.gen_token_id
     embeds = tiny_model.get_input_embeddings()(batch["input_ids"])
     embeds[is_gen] = tiny_model.model.gen_projector(targets).reshape(-1, embeds.shape[-1])
@@ -144,7 +144,7 @@ def test_lm_loss_ignores_minus_100(tiny_model):
 def test_image_features_replace_the_placeholders(tiny_model):
     config = tiny_model.config
     batch = understanding_batch(config)
-    features = tiny_model.get_image_features(batch["pixel_values"])
+    features = tiny_model.get_image_features(batch["pixel_values"]).pooler_output
     assert features.shape == (1, config.num_image_tokens, config.text_config.hidden_size)
     with_image = tiny_model(**batch).logits
     with_other_image = tiny_model(**{**batch, "pixel_values": torch.randn_like(batch["pixel_values"])}).logits
@@ -219,12 +219,13 @@ def test_processor_training_samples_run_through_the_model(tiny_model, tiny_proce
     assert logits.shape[:2] == understanding["input_ids"].shape
 
 
-def test_gen_features_carry_gradients_and_equal_the_targets(tiny_model):
+def test_gen_features_carry_gradients_only_from_an_unfrozen_encoder(tiny_model):
     pixels = torch.randn(2, 3, 32, 32)
-    features = tiny_model.model.get_gen_features(pixels)
+    frozen = tiny_model.model.get_gen_image_features(pixels).pooler_output
+    assert not frozen.requires_grad  # frozen from construction
+    tower = tiny_model.model.gen_vision_tower.requires_grad_(True)  # as encoder pretraining does
+    features = tiny_model.model.get_gen_image_features(pixels).pooler_output
     assert features.requires_grad
     features.square().mean().backward()
-    assert tiny_model.model.gen_vision_tower.embeddings.patch_embedding.weight.grad is not None
-    targets = tiny_model.get_gen_targets(pixels)
-    assert not targets.requires_grad
-    torch.testing.assert_close(targets, features.detach())
+    assert tower.embeddings.patch_embedding.weight.grad is not None
+    torch.testing.assert_close(features.detach(), frozen)
