@@ -17,6 +17,7 @@ segment filled from `gen_pixel_values`.
 """
 
 import importlib.util
+import inspect
 import os
 import sys
 import types
@@ -100,6 +101,17 @@ floats_tensor = _modeling_common.floats_tensor
 ids_tensor = _modeling_common.ids_tensor
 ConfigTester = _configuration_common.ConfigTester
 torch_device = _modeling_common.torch_device
+
+# transformers 5.24's gradient-checkpointing check leaves parameters the model freezes on purpose frozen; older mixins
+# (5.17) unfreeze every parameter and then want a gradient on each.
+_CHECKPOINTING_CHECK_KEEPS_FROZEN_PARAMETERS = "intentionally_frozen" in inspect.getsource(
+    ModelTesterMixin.check_training_gradient_checkpointing
+)
+_FROZEN_GEN_ENCODER = (
+    "this transformers' check unfreezes every parameter and wants a gradient on each, but the generation targets are "
+    "constants computed without a graph, so the (frozen by design) generation encoder gets none; later mixins exempt "
+    "parameters a model freezes on purpose"
+)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -308,6 +320,26 @@ class PiscesModelTest(ModelTesterMixin, unittest.TestCase):
         config, inputs_dict = super()._image_features_prepare_config_and_inputs()
         inputs_dict.pop("gen_pixel_values", None)
         return config, inputs_dict
+
+    @unittest.skipUnless(_CHECKPOINTING_CHECK_KEEPS_FROZEN_PARAMETERS, _FROZEN_GEN_ENCODER)
+    def test_training_gradient_checkpointing(self):
+        super().test_training_gradient_checkpointing()
+
+    @unittest.skipUnless(_CHECKPOINTING_CHECK_KEEPS_FROZEN_PARAMETERS, _FROZEN_GEN_ENCODER)
+    def test_training_gradient_checkpointing_use_reentrant_false(self):
+        super().test_training_gradient_checkpointing_use_reentrant_false()
+
+    @unittest.skipUnless(_CHECKPOINTING_CHECK_KEEPS_FROZEN_PARAMETERS, _FROZEN_GEN_ENCODER)
+    def test_training_gradient_checkpointing_use_reentrant_true(self):
+        super().test_training_gradient_checkpointing_use_reentrant_true()
+
+    @unittest.skip(
+        reason="transformers re-initializes missing weights of a model defined outside the library by its custom-code "
+        "path (PreTrainedModel.is_custom_code, passed down to the SigLIP/CLIP towers), which differs from their own "
+        "init; a bare subclass of LlavaForConditionalGeneration outside transformers fails this test the same way"
+    )
+    def test_can_init_all_missing_weights(self):
+        pass
 
     @unittest.skip(
         reason="GenerationTesterMixin lives in the transformers repository's tests/generation/, which the sdist does "
