@@ -66,6 +66,12 @@ _TEXT_DEFAULTS = {"padding": True, "return_token_type_ids": False}
 # other key, so there the Pisces keys are taken out before merging.
 _MERGES_PROCESSOR_KEYS = "return_mm_token_type_ids" in ProcessingKwargs.__annotations__
 
+try:  # transformers 5.24: `apply_chat_template(sanitize_control_tokens=True)` marks the control tokens users typed,
+    # which are then plain text, not placeholders; 5.17 has no marking.
+    from transformers.processing_utils import _MARKED_RE, _UNMARKED
+except ImportError:
+    _MARKED_RE, _UNMARKED = None, ""
+
 
 class _ModalityKwargs(ProcessingKwargs, total=False):
     """`PiscesProcessorKwargs` without the Pisces keys, for transformers 5.17's `_merge_kwargs`."""
@@ -323,7 +329,7 @@ class PiscesProcessor(ProcessorMixin):
             raise ValueError("negative_prompt is only used with generation_mode='image'.")
 
         texts = self._texts(text, allow_none=True)
-        flat_images, flat_gen = self._images_for_texts(texts, images, gen_images)
+        flat_images, flat_gen = self._images_for_texts(self._unmarked(texts, text_kwargs), images, gen_images)
         data, image_replacements, gen_replacements = {}, [], []
         if flat_images:
             pil_images = [to_rgb_image(image, index, "image") for index, image in enumerate(flat_images)]
@@ -428,6 +434,13 @@ class PiscesProcessor(ProcessorMixin):
 
     # -- text mode ---------------------------------------------------------------------------------------------------
 
+    @staticmethod
+    def _unmarked(texts, text_kwargs: dict):
+        """`texts` without the control tokens `sanitize_control_tokens` marks as user text, to count placeholders."""
+        if texts is None or _MARKED_RE is None or not text_kwargs.get("sanitize_control_tokens"):
+            return texts
+        return [_MARKED_RE.sub("", sample) for sample in texts]
+
     def _images_for_texts(self, texts, images, gen_images) -> tuple[list, list]:
         """The flat lists of images and gen_images, checked against the placeholders of `texts`."""
         if texts is None and images is None and gen_images is None:
@@ -478,7 +491,8 @@ class PiscesProcessor(ProcessorMixin):
             if self._adds_bos():
                 cuts = [len(bos) if sample.startswith(bos) else 0 for sample in texts]
                 texts = [sample[cut:] for sample, cut in zip(texts, cuts)]
-        counts = [(sample.count(self.image_token), sample.count(self.gen_token)) for sample in texts]
+        unmarked = self._unmarked(texts, text_kwargs)
+        counts = [(sample.count(self.image_token), sample.count(self.gen_token)) for sample in unmarked]
         truncation = text_kwargs.get("truncation")
         limit = None
         if truncation not in (None, False, "do_not_truncate"):
@@ -525,7 +539,7 @@ class PiscesProcessor(ProcessorMixin):
         expanded, spans = [], []
         for sample in texts:
             pieces, sample_spans, last, growth = [], [], 0, 0
-            for match in re.finditer(re.escape(self.gen_token), sample):
+            for match in re.finditer(_UNMARKED + re.escape(self.gen_token), sample):
                 start, end = match.span()
                 replacement = next(replacements)
                 pieces += [sample[last:start], replacement]

@@ -262,6 +262,21 @@ def test_gen_offsets_point_at_the_placeholder(processor):
     assert text[slice(*offsets[-1])] == "<eoi>"
 
 
+def test_placeholders_typed_by_users_stay_text_with_sanitize_control_tokens(processor):
+    import inspect
+
+    if "sanitize_control_tokens" not in inspect.signature(processor.apply_chat_template).parameters:
+        pytest.skip("this transformers version does not mark control tokens (added in 5.24)")
+    typed = [{"type": "image", "image": PIL.Image.fromarray(noise())}, {"type": "text", "text": "is <image> a <gen>?"}]
+    out = processor.apply_chat_template(
+        [{"role": "user", "content": typed}],
+        add_generation_prompt=True, tokenize=True, return_dict=True, sanitize_control_tokens=True,
+    )
+    ids = out["input_ids"][0]
+    assert ids.count(processor.image_token_id) == N_IMAGE and ids.count(processor.gen_token_id) == 0
+    assert "is <image> a <gen>?" in processor.decode(ids, skip_special_tokens=False)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Assistant masks from the chat template's {% generation %} blocks, with images expanded
 
