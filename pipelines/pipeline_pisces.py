@@ -166,9 +166,9 @@ def run_offload_hooks(module: torch.nn.Module):
     Runs `module`'s offloading hooks around a call that does not go through `module.forward`, such as the model's
     `generate_image_embeddings`. accelerate's hooks (`enable_model_cpu_offload`) and diffusers' group offloading move
     weights to the accelerator in a pre-forward hook on the module that is called; diffusers' own VAE methods
-    (`decode`) trigger it with `apply_forward_hook`. The model's methods call its sub-modules, not its forward, so
-    without this the top-level hook never fires and the weights stay on the CPU. Leaf-level hooks
-    (`enable_sequential_cpu_offload`, leaf-level group offloading) fire by themselves.
+    (`decode`) trigger accelerate's with `apply_forward_hook`, but not a group-offloading one. The model's methods
+    call its sub-modules, not its forward, so without this the top-level hook never fires and the weights stay on the
+    CPU. Leaf-level hooks (`enable_sequential_cpu_offload`, leaf-level group offloading) fire by themselves.
     """
     accelerate_hook = getattr(module, "_hf_hook", None)
     if accelerate_hook is not None and hasattr(accelerate_hook, "pre_forward"):
@@ -589,7 +589,8 @@ class PiscesPipeline(DiffusionPipeline):
             latents = latents * latents_std / self.vae.config.scaling_factor + latents_mean
         else:
             latents = latents / self.vae.config.scaling_factor
-        images = self.vae.decode(latents.to(get_module_execution_device(self.vae)), return_dict=False)[0]
+        with run_offload_hooks(self.vae):
+            images = self.vae.decode(latents.to(get_module_execution_device(self.vae)), return_dict=False)[0]
         if needs_upcasting:
             self.vae.to(dtype=torch.float16)
         return images
