@@ -202,10 +202,11 @@ class PiscesConfig(PretrainedConfig):
         # only PiscesConfig() in code may fall back to the paper's sub-configs.
         missing = [name for name in cls.sub_configs if config_dict.get(name) is None and kwargs.get(name) is None]
         if missing:
+            roles = ", ".join(SUB_CONFIG_ROLES[name] for name in missing)
             raise MissingSubConfigError(
-                f"The Pisces config lacks {' and '.join(missing)} ({', '.join(SUB_CONFIG_ROLES[name] for name in missing)}"
-                "): a checkpoint's config.json names all three sub-configs, as save_pretrained writes them. Add the "
-                "missing one, or build the paper-size default in code with PiscesConfig()."
+                f"The Pisces config lacks {' and '.join(missing)} ({roles}): a checkpoint's config.json names all "
+                "three sub-configs, as save_pretrained writes them. Add the missing one, or build the paper-size "
+                "default in code with PiscesConfig()."
             )
         return super().from_dict(config_dict, **kwargs)
 

@@ -53,9 +53,8 @@ def _accepts_old_cache_name(forward):
         return forward(self, *args, **kwargs)
 
     signature = inspect.signature(forward)
-    wrapper.__signature__ = signature.replace(
-        parameters=[p.replace(name="past_key_values") if p.name == "cache" else p for p in signature.parameters.values()]
-    )
+    parameters = [p.replace(name="past_key_values") if p.name == "cache" else p for p in signature.parameters.values()]
+    wrapper.__signature__ = signature.replace(parameters=parameters)
     return wrapper
 
 
@@ -383,7 +382,9 @@ class PiscesModel(PiscesPreTrainedModel):
             mm_encoder_outputs (`dict[str, BaseModelOutputWithPooling]`, *optional*):
                 Images already encoded, instead of pixels: `"image"` as `get_image_features(pixel_values)` returns it,
                 `"gen_image"` as `get_gen_image_features(gen_pixel_values)` returns it (an earlier output's
-                `image_outputs` / `gen_image_outputs` fit). Only their `pooler_output` is read.
+                `image_outputs` / `gen_image_outputs` fit). Only their `pooler_output` is read. On transformers >= 5.24
+                text `generate` encodes `pixel_values` into `"image"` once before the first step, and takes an
+                `mm_encoder_outputs` argument itself; before 5.24 `generate` knows nothing of it: pass it `pixel_values`.
             cache (`Cache`, *optional*):
                 KV cache (also accepted as `past_key_values`, the name before transformers 5.24).
             kwargs:
@@ -474,8 +475,8 @@ class PiscesForConditionalGeneration(PiscesPreTrainedModel, GenerationMixin):
     """
 
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
-    # Tensor parallelism: the language model's own plan (gathered by `post_init`) shards `embed_tokens` over the
-    # vocabulary; `lm_head` is sharded over the same dimension, so a tied pair stays one tensor split one way. The
+    # Tensor parallelism: the language model's own plan is gathered by `post_init`; `lm_head` is sharded over the
+    # vocabulary, as transformers' causal LMs shard it (a tied `embed_tokens` the same way, see `__init__`). The
     # encoders, projectors and `gen_head` stay replicated.
     _tp_plan = {"lm_head": "colwise_gather_output"}
     # With `accepts_loss_kwargs`, the Trainer would pass `num_items_in_batch` and stop dividing the loss by the
@@ -629,7 +630,7 @@ class PiscesForConditionalGeneration(PiscesPreTrainedModel, GenerationMixin):
         gen_embeds = gen_targets = gen_loss = None
         if outputs.gen_image_outputs is not None:
             gen_targets = outputs.gen_image_outputs.pooler_output.detach()
-            predicts_gen = self._gen_prediction_mask(input_ids, inputs_embeds, gen_targets)
+            predicts_gen = self._gen_prediction_mask(input_ids, inputs_embeds)
             gen_embeds = self.gen_head(hidden_states[predicts_gen.to(hidden_states.device)])
             gen_embeds = gen_embeds.view(gen_targets.shape)
             gen_loss = F.mse_loss(gen_embeds.float(), gen_targets.to(gen_embeds.device).float())
@@ -657,7 +658,7 @@ class PiscesForConditionalGeneration(PiscesPreTrainedModel, GenerationMixin):
         )
 
     def _gen_prediction_mask(
-        self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor | None, gen_targets: torch.Tensor
+        self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor | None
     ) -> torch.BoolTensor:
         """
         Mask `(batch_size, sequence_length)` of the positions whose hidden state predicts a generation vector: the one

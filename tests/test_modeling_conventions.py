@@ -1,5 +1,6 @@
-"""The model behaves like transformers' own multimodal models (LLaVA, Janus): frozen encoder, encoder outputs, tuples,
-loss keyword arguments, embeddings input, parallel plans, the cache argument's name, GenerationConfig, strict configs."""
+"""The model behaves like transformers' own multimodal models (LLaVA, Janus): frozen encoder, encoder outputs,
+tuples, loss keyword arguments, embeddings input, parallel plans, the cache argument's name, GenerationConfig, strict
+configs."""
 
 import json
 import shutil
@@ -22,8 +23,7 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.trainer_pt_utils import get_model_param_count
 
-from pisces import PiscesConfig, PiscesForConditionalGeneration, PiscesModel
-from pisces.configuration_pisces import MissingSubConfigError
+from pisces import MissingSubConfigError, PiscesConfig, PiscesForConditionalGeneration, PiscesModel
 from pisces.conversion import preset_config
 from pisces.modeling_pisces import CACHE_KWARG, DEFAULT_GEN_GUIDANCE_SCALE
 
@@ -164,7 +164,8 @@ def test_already_encoded_images_go_back_in_instead_of_pixels(tiny_model):
         torch.testing.assert_close(getattr(again, name), getattr(out, name))
     # Features computed apart, as get_image_features returns them, work the same.
     features = {"image": tiny_model.get_image_features(batch["pixel_values"])}
-    only_images = tiny_model(**{**pixel_free, "gen_pixel_values": batch["gen_pixel_values"]}, mm_encoder_outputs=features)
+    with_gen_pixels = {**pixel_free, "gen_pixel_values": batch["gen_pixel_values"]}
+    only_images = tiny_model(**with_gen_pixels, mm_encoder_outputs=features)
     torch.testing.assert_close(only_images.logits, out.logits)
 
     with pytest.raises(ValueError, match="pixel_values or mm_encoder_outputs\\['image'\\], not both"):
