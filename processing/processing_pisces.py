@@ -155,8 +155,8 @@ class PiscesProcessor(ProcessorMixin):
         gen_token: str = GEN_TOKEN,
         **kwargs,
     ):
-        components = {"image_processor": image_processor, "gen_image_processor": gen_image_processor}
-        missing = [name for name, value in {**components, "tokenizer": tokenizer}.items() if value is None]
+        given = {"image_processor": image_processor, "gen_image_processor": gen_image_processor, "tokenizer": tokenizer}
+        missing = [name for name, value in given.items() if value is None]
         if missing:
             raise ValueError(f"PiscesProcessor needs {', '.join(missing)}; got None.")
         for name, value in (("num_image_tokens", num_image_tokens), ("num_gen_tokens", num_gen_tokens)):
