@@ -311,15 +311,6 @@ class PiscesModel(PiscesPreTrainedModel):
         )
         return outputs if return_dict is not False else outputs.to_tuple()
 
-    @torch.no_grad()
-    def get_gen_targets(self, gen_pixel_values: torch.FloatTensor) -> torch.FloatTensor:
-        """Old name: `get_gen_image_features(gen_pixel_values).pooler_output`, without gradients."""
-        return self.get_gen_image_features(gen_pixel_values).pooler_output
-
-    def get_gen_features(self, gen_pixel_values: torch.FloatTensor) -> torch.FloatTensor:
-        """Old name: `get_gen_image_features(gen_pixel_values).pooler_output`."""
-        return self.get_gen_image_features(gen_pixel_values).pooler_output
-
     def token_mask(
         self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor | None, token_id: int
     ) -> torch.BoolTensor:
@@ -543,10 +534,6 @@ class PiscesForConditionalGeneration(PiscesPreTrainedModel, GenerationMixin):
     ) -> BaseModelOutputWithPooling | tuple:
         """See [`PiscesModel.get_gen_image_features`]: `pooler_output` is `(num_images, num_gen_tokens, gen_hidden)`."""
         return self.model.get_gen_image_features(gen_pixel_values, **kwargs)
-
-    def get_gen_targets(self, gen_pixel_values: torch.FloatTensor) -> torch.FloatTensor:
-        """Old name: `get_gen_image_features(gen_pixel_values).pooler_output`, without gradients."""
-        return self.model.get_gen_targets(gen_pixel_values)
 
     @can_return_tuple
     @_accepts_old_cache_name

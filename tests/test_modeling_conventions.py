@@ -130,6 +130,8 @@ def test_get_gen_image_features_pools_the_generation_encoder(tiny_checkpoint, ow
     pooled = patches.reshape(2, grid // a, a, grid // a, a, -1).mean(dim=(2, 4)).flatten(1, 2)
     torch.testing.assert_close(out.pooler_output, pooled)
     torch.testing.assert_close(target.get_gen_image_features(pixels, return_dict=False)[1], pooled)
+    # One public name for the pooled generation features.
+    assert not hasattr(target, "get_gen_targets") and not hasattr(target, "get_gen_features")
 
 
 def test_outputs_carry_the_encoder_outputs_when_asked(tiny_checkpoint):
