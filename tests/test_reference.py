@@ -87,6 +87,24 @@ def test_recipe_runs_resumes_after_an_interruption_and_repeats_itself(tmp_path, 
     assert all(torch.equal(first_weights[name], second_weights[name]) for name in first_weights)
 
 
+def test_the_gen_encoder_part_trains_the_encoder_that_is_built_frozen(tmp_path):
+    from pisces.training.stages import apply_stage
+
+    pipe = reference._new_pipeline(seed=0)
+    tower = pipe.model.model.gen_vision_tower
+    assert not any(parameter.requires_grad for parameter in tower.parameters())  # frozen from construction
+    before = {name: value.clone() for name, value in tower.state_dict().items()}
+    record = reference._run_part(pipe, "gen_encoder", "joint", MICRO, 0, tmp_path, lambda message: None)
+    assert len(record["losses"]) == 1 and record["gen_loss_weight"] > 0
+    after = tower.state_dict()
+    still = {name for name, _ in tower.named_parameters() if torch.equal(before[name], after[name])}
+    # Every weight trained but CLIP's post_layernorm, which only the class token's pooled output goes through.
+    assert still == {"post_layernorm.weight", "post_layernorm.bias"}
+    # Frozen again after, and no LLM stage preset makes it trainable.
+    assert not any(parameter.requires_grad for parameter in tower.parameters())
+    assert not [name for name in apply_stage(pipe.model, "pretrain") if "gen_vision_tower" in name]
+
+
 @pytest.mark.parametrize("side", [3, 4])
 def test_grid_image_head_draws_the_whole_picture_from_any_grid(side):
     # 4 x 4: the generation encoder's pooled vectors; 3 x 3: the understanding encoder's patches, one per cell.

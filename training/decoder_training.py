@@ -168,7 +168,8 @@ def train_decoder(
             with accelerator.accumulate(decoder):
                 random = PerSampleRandom(batch["index"], epoch, seed, device)
                 with torch.no_grad():
-                    embeds = model.model.get_gen_targets(batch["gen_pixel_values"].to(device, model.dtype))
+                    gen_pixel_values = batch["gen_pixel_values"].to(device, model.dtype)
+                    embeds = model.model.get_gen_image_features(gen_pixel_values).pooler_output
                     x0 = _encode(pipe, batch["pixel_values"].to(device), random).float()
                 unwrapped = accelerator.unwrap_model(decoder)
                 embeds = embeds.to(unwrapped.dtype)

@@ -361,8 +361,8 @@ def pretrain_encoder(encoder_features, encoder: nn.Module, image_processor, widt
     """
     Trains `encoder` to autoencode the world's pictures: `encoder_features(pixel_values)` (a square grid of vectors)
     through a `GridImageHead` back to the picture, with a foreground-weighted MSE. With `cell_labels`, linear heads
-    also read each cell's shape, colour, size and place off its vector (cross-entropy, `CELL_ATTRIBUTES`). Returns
-    the losses.
+    also read each cell's shape, colour, size and place off its vector (cross-entropy, `CELL_ATTRIBUTES`). The encoder
+    is unfrozen for this (the generation encoder is built frozen) and frozen again after. Returns the losses.
     """
     from .shapes import render_objects
 
@@ -531,15 +531,20 @@ def _run_part(pipe, part: str, recipe: str, budget: Budget, seed: int, work_dir:
     part_seed = seed * 1000 + _parts(budget).index(part)
     if part == "gen_encoder":
         tower = model.model.gen_vision_tower
+
+        def gen_features(pixel_values):
+            # The pooled generation features, with gradients: `pretrain_encoder` unfreezes the (frozen) encoder.
+            return model.model.get_gen_image_features(pixel_values).pooler_output
+
         losses = pretrain_encoder(
-            model.model.get_gen_features, tower, pipe.processor.gen_image_processor, GEN_VISION["hidden_size"],
+            gen_features, tower, pipe.processor.gen_image_processor, GEN_VISION["hidden_size"],
             budget.gen_encoder_steps, budget.encoder_batch_size, part_seed, log,
         )
         # The LLM regresses these vectors; weight its MSE by their spread so that it is measured in their units.
         with torch.no_grad():
             images = [_scene_image(10**6 + i, seed) for i in range(256)]
             pixel_values = pipe.processor.gen_image_processor(images, return_tensors="pt")["pixel_values"]
-            targets = model.model.get_gen_targets(pixel_values)
+            targets = model.model.get_gen_image_features(pixel_values).pooler_output
         model.config.gen_loss_weight = round(float(1.0 / targets.var()), 4)
         return {"losses": losses[::50], "gen_loss_weight": model.config.gen_loss_weight}
     if part == "und_encoder":

@@ -3,7 +3,8 @@
 `PiscesForConditionalGeneration` returns `loss = lm_loss + lambda * gen_loss`, so the stock `Trainer` trains it as is
 (with `remove_unused_columns=False`, since the collator needs the raw samples). `PiscesTrainer` is that Trainer plus
 three things a long multimodal run needs in its log: `lm_loss` and `gen_loss` separately (averaged over the logging
-interval and over processes) and the number of bad data rows skipped.
+interval and over processes) and the number of bad data rows skipped. Under DDP it expects parameters without a
+gradient (a batch that holds one direction only leaves the other direction's projector and head out).
 """
 
 import torch
@@ -19,8 +20,13 @@ class PiscesTrainer(Trainer):
     `gen_loss` and `skipped_rows` beside `loss`. Takes the arguments of `Trainer`.
     """
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, model=None, args: TrainingArguments | None = None, *more, **kwargs):
+        if args is not None and args.ddp_find_unused_parameters is None and not _reentrant_checkpointing(args):
+            # A batch may hold one direction only (all captions, or all generation samples): the projector and head
+            # of the other direction then get no gradient, which DDP must be told to expect. The stock Trainer turns
+            # this off under activation checkpointing, which only the reentrant variant needs.
+            args.ddp_find_unused_parameters = True
+        super().__init__(model, args, *more, **kwargs)
         # The model's forward takes **kwargs (for the language model), which makes the Trainer believe it normalizes its
         # loss by `num_items_in_batch` itself; it does not (per-batch means), so let the Trainer scale for gradient
         # accumulation and processes the usual way.
@@ -59,6 +65,15 @@ class PiscesTrainer(Trainer):
             logs["skipped_rows"] = int(sums[4])
             self._metric_sums.zero_()
         super().log(logs, *args, **kwargs)
+
+
+def _reentrant_checkpointing(args: TrainingArguments) -> bool:
+    """Whether `args` asks for reentrant activation checkpointing (transformers' default is non-reentrant)."""
+    for field in ("activation_checkpointing_kwargs", "gradient_checkpointing_kwargs"):  # 5.24 name, then 5.17's
+        checkpointing_kwargs = getattr(args, field, None)
+        if isinstance(checkpointing_kwargs, dict) and checkpointing_kwargs.get("use_reentrant"):
+            return True
+    return False
 
 
 def build_trainer(
