@@ -2,7 +2,8 @@
 
 The paper trains in three stages (DESIGN.md section 1): pretraining on image + short caption in both directions,
 fine-grained pretraining on image + detailed caption, then instruction tuning. Both encoders and the diffusion decoder
-stay frozen by default; what trains is a preset, a list of module name patterns:
+stay frozen by default (the generation encoder is built frozen; only a `custom` pattern that names it trains it); what
+trains is a preset, a list of module name patterns:
 
 | stage      | trains                                                          | default learning rate |
 | ---------- | --------------------------------------------------------------- | --------------------- |
@@ -13,7 +14,8 @@ stay frozen by default; what trains is a preset, a list of module name patterns:
 
 `align` is the short warm-up that connects fresh projectors and heads to a pretrained LLM (as in LLaVA); the paper's
 stages 1 and 2 are `pretrain` on short, then detailed captions; stage 3 is `finetune` on a mix of understanding and
-generation. For LoRA on the language model see `pisces train --lora` (projectors and heads then train whole).
+generation. For LoRA on the language model see `pisces.default_lora_config` and `pisces train --lora` (projectors and
+heads then train whole).
 """
 
 import fnmatch
