@@ -46,7 +46,7 @@ def main():
 
     folder = args.model
     if folder is None:
-        from pisces.training.reference import reference_model_path
+        from pisces.reference_model import reference_model_path
 
         try:
             folder = reference_model_path()

@@ -59,7 +59,7 @@ def understanding_batch(config, num_images=1, seed=0):
 
 def accelerate_launch_two_processes() -> list[str]:
     """
-    The command prefix that runs `python -m pisces.training.cli ...` as 2 CPU processes (DDP over gloo). On a machine
+    The command prefix that runs `python -m pisces_cli ...` as 2 CPU processes (DDP over gloo). On a machine
     without GPUs, `--cpu` starts one process; `--multi_gpu` with ACCELERATE_USE_CPU=1 (see `CPU_LAUNCH_ENV`) starts two.
     """
     import socket
@@ -71,7 +71,7 @@ def accelerate_launch_two_processes() -> list[str]:
     return [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(port), "-m", "pisces.training.cli",
+        "--main_process_port", str(port), "-m", "pisces_cli",
     ]
 
 

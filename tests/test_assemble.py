@@ -38,7 +38,7 @@ from pisces import PiscesForConditionalGeneration, PiscesModel, PiscesPipeline, 
 from pisces.conversion import SourceError, assemble_checkpoint, build_decoder, build_tiny_vae, choose_gen_pool_size
 from pisces.conversion.tokenizer import DEFAULT_CORPUS
 from pisces.modeling_pisces import DEFAULT_GEN_GUIDANCE_SCALE
-from pisces.training.cli import main
+from pisces_cli.commands import main
 
 
 PISCES_TOKENS = ["<image>", "<boi>", "<eoi>", "<gen>"]

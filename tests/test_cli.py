@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from pisces.training.cli import main
+from pisces_cli.commands import main
 
 
 def test_convert_random_writes_a_loadable_checkpoint(tmp_path, capsys):
@@ -67,7 +67,7 @@ def test_describe_rejects_a_folder_that_is_not_a_checkpoint(tmp_path, capsys):
 
 
 def test_console_script_is_installed():
-    result = subprocess.run([sys.executable, "-m", "pisces.training.cli", "--help"], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "pisces_cli", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "convert" in result.stdout
 
 

@@ -28,7 +28,7 @@ from pisces.conversion import preset_config
 from pisces.modeling_pisces import CACHE_KWARG, DEFAULT_GEN_GUIDANCE_SCALE
 
 
-REFERENCE_CHECKPOINT = Path(__file__).resolve().parents[1] / "training" / "reference_checkpoint"
+REFERENCE_CHECKPOINT = Path(__file__).resolve().parents[1] / "reference_model" / "checkpoint"
 
 
 def mixed_batch(config):

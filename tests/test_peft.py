@@ -11,7 +11,7 @@ import torch
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory):
     """8 image-caption pairs of the shapes world, in the `datasets` imagefolder convention."""
-    from pisces.training.shapes import sample_scene, short_caption
+    from pisces.shapes.world import sample_scene, short_caption
 
     root = tmp_path_factory.mktemp("pairs")
     lines = []
@@ -165,7 +165,7 @@ def test_train_lora_writes_a_peft_folder_that_loads_from_anywhere(
     from transformers import AutoModelForImageTextToText
 
     from pisces import PiscesPipeline
-    from pisces.training.cli import main
+    from pisces_cli.commands import main
 
     # The base model as typed by a user: a path relative to the working directory.
     monkeypatch.chdir(tiny_checkpoint.parent)
@@ -219,7 +219,7 @@ def test_train_lora_writes_a_peft_folder_that_loads_from_anywhere(
 
 
 def test_commands_point_an_adapter_folder_to_its_merged_checkpoint(image_folder, tiny_checkpoint, tmp_path, capsys):
-    from pisces.training.cli import main
+    from pisces_cli.commands import main
 
     run = tmp_path / "run"
     run.mkdir()
@@ -236,7 +236,7 @@ def test_a_resumed_lora_run_gives_the_uninterrupted_adapter(image_folder, tiny_c
     from transformers import TrainerCallback
 
     import pisces.training.trainer as trainer_module
-    from pisces.training.cli import main
+    from pisces_cli.commands import main
 
     steps = ["--max-steps", "4", "--save-steps", "2", "--lora"]
     assert main(train_argv(tiny_checkpoint, image_folder, tmp_path / "straight", *steps)) == 0

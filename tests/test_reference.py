@@ -7,17 +7,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import pisces.reference_model as reference_model
 import pisces.training.reference as reference
 from pisces.pipelines import PiscesPipeline
-from pisces.training.cli import REFERENCE_RECIPES
+from pisces_cli.commands import REFERENCE_RECIPES
 from pisces.training.reference import Budget, LLMStage, train_reference
-from pisces.training.shape_eval import (
+from pisces.shapes.shape_eval import (
     detect_objects,
     evaluate_generation,
     evaluate_understanding,
     shapeeval_prompts,
 )
-from pisces.training.shapes import (
+from pisces.shapes.world import (
     COLOURS,
     GRID,
     IMAGE_SIZE,
@@ -221,7 +222,7 @@ VQA_FLOOR = 0.90
 
 @pytest.fixture(scope="module")
 def shipped():
-    pipe = PiscesPipeline.from_pretrained(reference.reference_model_path())
+    pipe = PiscesPipeline.from_pretrained(reference_model.reference_model_path())
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -256,9 +257,9 @@ def test_shipped_model_is_the_recipes_architecture_and_fits_the_package(shipped)
     assert config.gen_guidance_scale == 1.0
     assert config.num_image_tokens == 9 and config.gen_input_noise > 0
     assert shipped.decoder.config.in_channels == reference.VAE["latent_channels"] + reference.GEN_VISION["hidden_size"]
-    size = sum(f.stat().st_size for f in reference.reference_model_path().rglob("*") if f.is_file())
+    size = sum(f.stat().st_size for f in reference_model.reference_model_path().rglob("*") if f.is_file())
     assert size <= 40 * 2**20
-    record = json.loads((reference.reference_model_path() / reference.TRAINING_LOG).read_text())
+    record = json.loads((reference_model.reference_model_path() / reference.TRAINING_LOG).read_text())
     assert record["train_seconds"] <= 90 * 60
 
 

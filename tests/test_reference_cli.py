@@ -4,14 +4,15 @@ from pathlib import Path
 
 import pytest
 
+import pisces.reference_model as reference_model
 import pisces.training.reference as reference
-from pisces.training.cli import main
+from pisces_cli.commands import main
 
 
 @pytest.fixture
 def shipped_reference(tiny_checkpoint, monkeypatch):
     """The tiny random checkpoint stands in for the reference model shipped inside the package."""
-    monkeypatch.setattr(reference, "REFERENCE_CHECKPOINT", Path(tiny_checkpoint))
+    monkeypatch.setattr(reference_model, "REFERENCE_CHECKPOINT", Path(tiny_checkpoint))
     return Path(tiny_checkpoint)
 
 
@@ -20,21 +21,21 @@ def no_reference(tmp_path, monkeypatch):
     """An install whose reference model folder is empty."""
     empty = tmp_path / "reference_checkpoint"
     empty.mkdir()
-    monkeypatch.setattr(reference, "REFERENCE_CHECKPOINT", empty)
+    monkeypatch.setattr(reference_model, "REFERENCE_CHECKPOINT", empty)
     return empty
 
 
 def test_reference_names_are_exported():
     import pisces.training
 
-    assert pisces.training.reference_model_path is reference.reference_model_path
     assert pisces.training.train_reference is reference.train_reference
+    assert reference.TRAINING_LOG == reference_model.TRAINING_LOG  # the recipe writes the record the model ships
 
 
 def test_generate_defaults_to_the_reference_model(shipped_reference, tmp_path, capsys):
     from PIL import Image
 
-    assert reference.reference_model_path() == shipped_reference
+    assert reference_model.reference_model_path() == shipped_reference
     out = tmp_path / "out.png"
     assert main(["generate", "a red circle above a blue square", "--steps", "2", "-o", str(out)]) == 0
     assert f"wrote {out}" in capsys.readouterr().out
@@ -86,7 +87,7 @@ def test_help_names_the_default_model(capsys):
 
 
 def test_describe_prompt_default_is_unchanged():
-    from pisces.training.cli import build_parser
+    from pisces_cli.commands import build_parser
 
     args = build_parser().parse_args(["describe", "x.png"])
     assert args.prompt == "Describe the image." and args.model is None
@@ -137,7 +138,7 @@ def test_train_reference_refusals_are_one_line(tmp_path, monkeypatch, capsys):
 
 
 def test_train_with_model_and_data_still_parses(monkeypatch):
-    import pisces.training.cli as cli
+    import pisces_cli.commands as cli
 
     seen = []
     monkeypatch.setattr(cli, "train", seen.append)  # `build_parser` binds the command when `main` calls it

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import ImageFilter
 
-from pisces.training.shape_eval import (
+from pisces.shapes.shape_eval import (
     CATEGORIES,
     EvalPrompt,
     detect_objects,
@@ -17,7 +17,7 @@ from pisces.training.shape_eval import (
     shapeeval_prompts,
     summarize,
 )
-from pisces.training.shapes import (
+from pisces.shapes.world import (
     COLOURS,
     DEFAULT_COLOURS,
     GENERATION_SIZE,

@@ -11,7 +11,7 @@ import torch
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory):
     """8 image-caption pairs of the shapes world, in the `datasets` imagefolder convention."""
-    from pisces.training.shapes import sample_scene, short_caption
+    from pisces.shapes.world import sample_scene, short_caption
 
     root = tmp_path_factory.mktemp("pairs")
     lines = []
@@ -281,7 +281,7 @@ def test_train_command_resume_gives_the_uninterrupted_run(image_folder, tiny_che
 
     import pisces.training.trainer as trainer_module
     from pisces import PiscesPipeline
-    from pisces.training.cli import main
+    from pisces_cli.commands import main
 
     steps = ["--max-steps", "6", "--save-steps", "3"]
     assert main(train_argv(tiny_checkpoint, image_folder, tmp_path / "straight", *steps)) == 0
@@ -319,7 +319,7 @@ def test_train_command_resume_gives_the_uninterrupted_run(image_folder, tiny_che
 
 
 def test_train_command_errors_are_one_line(image_folder, tiny_checkpoint, tmp_path, capsys):
-    from pisces.training.cli import main
+    from pisces_cli.commands import main
 
     cases = [
         (["--stage", "custom"], "--stage custom needs --trainable"),
@@ -352,7 +352,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(image_folder
     from conftest import CPU_LAUNCH_ENV, accelerate_launch_two_processes
     from safetensors.torch import load_file
 
-    from pisces.training.cli import main
+    from pisces_cli.commands import main
 
     common = ["--max-steps", "4", "--batch-size", "2", "--save-steps", "100", "--gradient-checkpointing"]
     one = train_argv(tiny_checkpoint, image_folder, tmp_path / "one", *common, "--grad-accum", "2")
@@ -384,7 +384,7 @@ def test_a_real_datasets_dataset_trains_from_python_and_from_disk(image_folder, 
     import datasets
     from PIL import Image
 
-    from pisces.training.cli import main
+    from pisces_cli.commands import main
     from pisces.training.data import PiscesTrainingDataset, load_image_folder
 
     rows = load_image_folder(image_folder)

@@ -26,7 +26,7 @@ def chatml_checkpoint(tmp_path_factory):
 
 def shapes_samples(num_rows: int, **dataset_kwargs):
     from pisces.training.data import PiscesTrainingDataset
-    from pisces.training.shapes import sample_scene, short_caption
+    from pisces.shapes.world import sample_scene, short_caption
 
     rows = []
     for index in range(num_rows):

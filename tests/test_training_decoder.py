@@ -8,7 +8,7 @@ import torch
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
-    from pisces.training.shapes import sample_scene
+    from pisces.shapes.world import sample_scene
 
     root = tmp_path_factory.mktemp("images")
     lines = []
@@ -68,7 +68,7 @@ def test_decoder_loss_follows_the_scheduler(images, tiny_checkpoint, kind):
 def test_train_decoder_command_writes_a_complete_checkpoint(images, tiny_checkpoint, tmp_path, capsys):
     from transformers import AutoModelForImageTextToText
 
-    from pisces.training.cli import main
+    from pisces_cli.commands import main
 
     out = tmp_path / "out"
     argv = ["train-decoder", "--model", str(tiny_checkpoint), "--data", str(images), "--out", str(out),
@@ -102,7 +102,7 @@ def test_two_processes_train_the_decoder_like_one_with_the_same_global_batch(ima
     from conftest import CPU_LAUNCH_ENV, accelerate_launch_two_processes
     from safetensors.torch import load_file
 
-    from pisces.training.cli import main
+    from pisces_cli.commands import main
 
     def argv(out, accumulation):
         return ["train-decoder", "--model", str(tiny_checkpoint), "--data", str(images), "--out", str(out),

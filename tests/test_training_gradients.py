@@ -40,7 +40,7 @@ def enable_checkpointing(model):
 @pytest.mark.parametrize("stage", [None, "align", "pretrain", "finetune"])
 def test_every_trainable_parameter_gets_a_gradient(stage, tiny_checkpoint, tiny_processor):
     from pisces.training.data import PiscesCollator, PiscesTrainingDataset
-    from pisces.training.shapes import sample_scene, short_caption
+    from pisces.shapes.world import sample_scene, short_caption
     from pisces.training.stages import apply_stage
 
     rows = [{"image": sample_scene(i).render(), "text": short_caption(sample_scene(i))} for i in range(6)]

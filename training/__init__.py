@@ -1,7 +1,9 @@
-"""Training Pisces: data and collator, stage presets, the Trainer, decoder training, the reference model, and the
-`pisces` command.
+"""Training Pisces: data and collator, stage presets, the Trainer, decoder training, and the reference recipe.
 
-Names load on first use, so that `pisces --help` (which imports this package) pays for no training module.
+Training sits above the inference layers and may use all of them: `pisces.pipelines`, `pisces.processing`, the model
+(`pisces`), `pisces.conversion` (tokenizers, configs, random components), `pisces.shapes` (the reference recipe's
+data) and `pisces.reference_model` (where the recipe's result ships). Nothing below it imports it. Names load on first
+use, so that importing this package costs nothing until a training module is needed.
 """
 
 import importlib
@@ -18,7 +20,6 @@ _EXPORTS = {
     "build_trainer": "trainer",
     "train_decoder": "decoder_training",
     "reconstruction_error": "decoder_training",
-    "reference_model_path": "reference",
     "train_reference": "reference",
 }
 

@@ -1,4 +1,4 @@
-"""The reference model: a small Pisces trained here, from nothing, on the shapes world (`pisces.training.shapes`).
+"""The reference model: a small Pisces trained here, from nothing, on the shapes world (`pisces.shapes`).
 
 Every part is trained by this recipe, with the package's own code, in one deterministic run on a CPU:
 
@@ -38,10 +38,10 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
+from pisces.reference_model import TRAINING_LOG
 
-REFERENCE_CHECKPOINT = Path(__file__).parent / "reference_checkpoint"
+
 RECIPES = ("joint", "generation-only")
-TRAINING_LOG = "reference_training.json"
 
 # ---- the architecture ----
 
@@ -150,19 +150,6 @@ class Budget:
 REFERENCE_BUDGET = Budget()
 
 
-def reference_model_path() -> Path:
-    """
-    The folder of the reference model that ships inside the package (a complete `PiscesPipeline` checkpoint: every
-    entry point of DESIGN.md section 3 loads it). Raises `FileNotFoundError` if the install lacks it.
-    """
-    if not (REFERENCE_CHECKPOINT / "model_index.json").is_file():
-        raise FileNotFoundError(
-            f"The reference model is missing from this install ({REFERENCE_CHECKPOINT}). Reinstall pisces-hf, or "
-            "train it with `pisces train reference --out DIR` and pass `--model DIR`."
-        )
-    return REFERENCE_CHECKPOINT
-
-
 # ---- the world's data ----
 
 
@@ -173,7 +160,7 @@ def _world_seed(seed: int, index: int) -> int:
 
 def _scene_objects(index: int, seed: int) -> list:
     """The objects of a training picture of the encoders, the VAE and the decoder: half free scenes, half generation."""
-    from .shapes import sample_generation, sample_scene
+    from pisces.shapes import sample_generation, sample_scene
 
     if index % 2 == 0:
         return sample_scene(_world_seed(seed, index)).objects
@@ -181,7 +168,7 @@ def _scene_objects(index: int, seed: int) -> list:
 
 
 def _scene_image(index: int, seed: int):
-    from .shapes import render_objects
+    from pisces.shapes import render_objects
 
     return render_objects(_scene_objects(index, seed))
 
@@ -197,7 +184,7 @@ CELL_LOSS_WEIGHT = 0.1
 
 def _cell_labels(objects: list) -> torch.Tensor:
     """`(9, 4)` class labels of the 3 x 3 cells, row-major, in the order of `CELL_ATTRIBUTES`."""
-    from .shapes import COLOURS, GRID, SHAPES, SIZES
+    from pisces.shapes import COLOURS, GRID, SHAPES, SIZES
 
     labels = torch.zeros(GRID * GRID, len(CELL_ATTRIBUTES), dtype=torch.long)
     labels[:, 3] = torch.arange(GRID * GRID)
@@ -222,7 +209,7 @@ def _foreground_weight(pixels: torch.Tensor) -> torch.Tensor:
 
 def corpus(num_scenes: int = 3000) -> list[str]:
     """The tokenizer's training text: the world's prompts, captions, questions and answers."""
-    from .shapes import (
+    from pisces.shapes import (
         BRIEF_CAPTION_QUESTION,
         DETAILED_CAPTION_QUESTION,
         detailed_caption,
@@ -249,7 +236,7 @@ class ShapesRows(torch.utils.data.Dataset):
     """
 
     def __init__(self, length: int, kind: str, tasks=(), seed: int = 0):
-        from .shapes import BINDING_QUESTION_STARTS
+        from pisces.shapes import BINDING_QUESTION_STARTS
 
         known = {"question", "brief", "detailed", "binding"}
         known |= {f"binding {question_kind}" for question_kind in BINDING_QUESTION_STARTS}
@@ -264,7 +251,7 @@ class ShapesRows(torch.utils.data.Dataset):
         return self.length
 
     def __getitem__(self, index: int) -> dict:
-        from .shapes import (
+        from pisces.shapes import (
             BINDING_QUESTION_STARTS,
             BRIEF_CAPTION_QUESTION,
             DETAILED_CAPTION_QUESTION,
@@ -364,7 +351,7 @@ def pretrain_encoder(encoder_features, encoder: nn.Module, image_processor, widt
     also read each cell's shape, colour, size and place off its vector (cross-entropy, `CELL_ATTRIBUTES`). The encoder
     is unfrozen for this (the generation encoder is built frozen) and frozen again after. Returns the losses.
     """
-    from .shapes import render_objects
+    from pisces.shapes import render_objects
 
     torch.manual_seed(seed)
     head = GridImageHead(width)
@@ -589,7 +576,7 @@ class _ImageRows(torch.utils.data.Dataset):
 
 def evaluate_reference(pipe, images_per_prompt: int = 4, num_scenes: int = 50, log=print) -> dict:
     """ShapeEval and question answering of a pipeline, as `pisces eval shapes` prints them."""
-    from .shape_eval import evaluate_generation, evaluate_understanding
+    from pisces.shapes import evaluate_generation, evaluate_understanding
 
     pipe.set_progress_bar_config(disable=True)
     result = evaluate_generation(pipe, images_per_prompt=images_per_prompt)

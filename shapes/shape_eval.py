@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .shapes import (
+from .world import (
     BACKGROUND,
     COLOURS,
     DETAILED_CAPTION_QUESTION,

@@ -1,7 +1,8 @@
-"""The `pisces` command.
+"""The `pisces` command: its parser and sub-commands.
 
-It sits in the top layer (`pisces.training`) because its sub-commands reach every layer; `import pisces` never imports
-it. Each sub-command imports what it needs inside it, so `pisces --help` costs no more than `import pisces`.
+The command line is its own layer, above every layer it calls (training, conversion, the shapes world, pipelines,
+processing, the model). Each sub-command imports what it needs inside it, and this module imports only the standard
+library at the top, so `pisces --help` and a bad argument answer without loading torch.
 """
 
 import argparse
@@ -25,7 +26,7 @@ def _model_folder(model: str | None) -> str:
     """The `--model` folder, or the reference model that ships inside the package when `--model` is not given."""
     if model is not None:
         return model
-    from pisces.training.reference import reference_model_path
+    from pisces.reference_model import reference_model_path
 
     try:
         return str(reference_model_path())
@@ -159,7 +160,7 @@ def generate(args) -> None:
 def eval_shapes(args) -> None:
     import json
 
-    from pisces.training.shape_eval import CATEGORIES, evaluate_generation, evaluate_understanding
+    from pisces.shapes import CATEGORIES, evaluate_generation, evaluate_understanding
 
     _require_at_least_one(args, "--images-per-prompt", "--num-scenes", "--steps")
     pipe = _load_pipeline(_model_folder(args.model))

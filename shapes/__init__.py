@@ -1,0 +1,56 @@
+"""The shapes world and ShapeEval: a synthetic world of coloured shapes where drawing and answering are measurable.
+
+`world` makes the scenes, their pictures, captions and questions, and the text-to-image pairs; `shape_eval` scores a
+Pisces pipeline on them (GenEval's six categories, question answering, detailed captions). Training (the reference
+recipe) and evaluation (`pisces eval shapes`) both use it; it needs only numpy and PIL at import.
+"""
+
+from .shape_eval import (
+    CATEGORIES,
+    SHAPEEVAL_VERSION,
+    Detection,
+    EvalPrompt,
+    detect_objects,
+    evaluate_generation,
+    evaluate_understanding,
+    held_out_prompts,
+    prompts_fingerprint,
+    render_prompt,
+    score,
+    shapeeval_prompts,
+    summarize,
+)
+from .world import (
+    BINDING_QUESTION_STARTS,
+    BRIEF_CAPTION_QUESTION,
+    COLOURS,
+    DEFAULT_COLOURS,
+    DETAILED_CAPTION_QUESTION,
+    GRID,
+    HELD_OUT_PAIRS,
+    IMAGE_SIZE,
+    SHAPES,
+    SIZES,
+    Scene,
+    ShapeObject,
+    binding_questions,
+    detailed_caption,
+    generation_objects,
+    image_array,
+    is_held_out,
+    questions,
+    render_objects,
+    sample_generation,
+    sample_scene,
+    short_caption,
+)
+
+
+__all__ = [
+    "BINDING_QUESTION_STARTS", "BRIEF_CAPTION_QUESTION", "CATEGORIES", "COLOURS", "DEFAULT_COLOURS",
+    "DETAILED_CAPTION_QUESTION", "GRID", "HELD_OUT_PAIRS", "IMAGE_SIZE", "SHAPEEVAL_VERSION", "SHAPES", "SIZES",
+    "Detection", "EvalPrompt", "Scene", "ShapeObject", "binding_questions", "detailed_caption", "detect_objects",
+    "evaluate_generation", "evaluate_understanding", "generation_objects", "held_out_prompts", "image_array",
+    "is_held_out", "prompts_fingerprint", "questions", "render_objects", "render_prompt", "sample_generation",
+    "sample_scene", "score", "shapeeval_prompts", "short_caption", "summarize",
+]
