@@ -182,6 +182,15 @@ class PiscesPreTrainedModel(PreTrainedModel):
         return loaded
 
 
+def _tower_flags(layer: int, output_hidden_states: bool | None, output_attentions: bool | None) -> dict:
+    """
+    The output flags to pass a vision tower: only those set, because a tower reads an unset flag from its own config
+    and an explicit `None` would hide that. A feature layer other than the last needs the hidden states.
+    """
+    flags = {"output_hidden_states": True if layer != -1 else output_hidden_states, "output_attentions": output_attentions}
+    return {name: value for name, value in flags.items() if value is not None}
+
+
 def _encoder_outputs(name: str, outputs) -> BaseModelOutputWithPooling:
     """`mm_encoder_outputs[name]` checked: an encoder output (as `get_*_features` returns) with a `pooler_output`."""
     if getattr(outputs, "pooler_output", None) is None:
@@ -242,9 +251,8 @@ class PiscesModel(PiscesPreTrainedModel):
         layer = self.config.vision_feature_layer
         tower_outputs = self.vision_tower(
             pixel_values=pixel_values.to(self.vision_tower.dtype),
-            output_hidden_states=True if layer != -1 else output_hidden_states,
-            output_attentions=output_attentions,
             return_dict=True,
+            **_tower_flags(layer, output_hidden_states, output_attentions),
             **kwargs,
         )
         features = tower_outputs.last_hidden_state if layer == -1 else tower_outputs.hidden_states[layer]
@@ -254,7 +262,8 @@ class PiscesModel(PiscesPreTrainedModel):
             hidden_states=tower_outputs.hidden_states,
             attentions=tower_outputs.attentions,
         )
-        return outputs if return_dict is not False else outputs.to_tuple()
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        return outputs if return_dict else outputs.to_tuple()
 
     def get_gen_image_features(
         self,
@@ -291,9 +300,8 @@ class PiscesModel(PiscesPreTrainedModel):
         layer = self.config.gen_vision_feature_layer
         tower_outputs = self.gen_vision_tower(
             pixel_values=gen_pixel_values.to(self.gen_vision_tower.dtype),
-            output_hidden_states=True if layer != -1 else output_hidden_states,
-            output_attentions=output_attentions,
             return_dict=True,
+            **_tower_flags(layer, output_hidden_states, output_attentions),
             **kwargs,
         )
         features = tower_outputs.last_hidden_state if layer == -1 else tower_outputs.hidden_states[layer]
@@ -309,7 +317,8 @@ class PiscesModel(PiscesPreTrainedModel):
             hidden_states=tower_outputs.hidden_states,
             attentions=tower_outputs.attentions,
         )
-        return outputs if return_dict is not False else outputs.to_tuple()
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        return outputs if return_dict else outputs.to_tuple()
 
     def token_mask(
         self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor | None, token_id: int
