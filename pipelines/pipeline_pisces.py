@@ -395,10 +395,9 @@ class PiscesPipeline(DiffusionPipeline):
         return self._interrupt
 
     def default_guidance_scale(self) -> float:
-        """The model's default classifier-free guidance on the LLM's vectors (its generation config's
-        `gen_guidance_scale`; older checkpoints keep it in the model config)."""
-        value = getattr(getattr(self.model, "generation_config", None), "gen_guidance_scale", None)
-        return self.model.config.gen_guidance_scale if value is None else value
+        """The model's default classifier-free guidance on the LLM's vectors, its generation config's
+        `gen_guidance_scale` (what `generate_image_embeddings` uses when given none)."""
+        return self.model.generation_config.gen_guidance_scale
 
     def check_inputs(
         self,
@@ -520,13 +519,8 @@ class PiscesPipeline(DiffusionPipeline):
         images = image if isinstance(image, list) else [image]
         pixel_values = self.processor.gen_image_processor(images=images, return_tensors="pt")["pixel_values"]
         pixel_values = pixel_values.to(device=device, dtype=self.model.dtype)
-        encoder = self.model.model
         with run_offload_hooks(self.model):
-            # `get_gen_targets` is the older name of the pooled generation features.
-            if hasattr(encoder, "get_gen_image_features"):
-                image_embeds = encoder.get_gen_image_features(pixel_values).pooler_output
-            else:
-                image_embeds = encoder.get_gen_targets(pixel_values)
+            image_embeds = self.model.get_gen_image_features(pixel_values).pooler_output
         return image_embeds
 
     def prepare_latents(self, batch_size, num_channels, height, width, dtype, device, generator, latents=None):
