@@ -264,7 +264,7 @@ def main(argv=None) -> int:
             if args.model is not None:
                 checkpoint = Path(args.model)
             else:
-                from pisces.training import reference_model_path
+                from pisces.reference_model import reference_model_path
 
                 checkpoint = Path(reference_model_path())
             device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

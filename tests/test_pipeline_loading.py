@@ -159,7 +159,7 @@ def test_checkpoints_of_the_old_model_index_form_still_load(tiny_checkpoint, pip
 
 
 def test_the_shipped_reference_checkpoint_loads_through_diffusion_pipeline():
-    from pisces.training import reference_model_path
+    from pisces.reference_model import reference_model_path
 
     loaded = DiffusionPipeline.from_pretrained(reference_model_path())
     assert type(loaded) is PiscesPipeline
