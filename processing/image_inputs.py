@@ -9,6 +9,7 @@ import os
 
 import numpy as np
 import PIL.Image
+import PIL.ImageOps
 import torch
 from transformers.image_utils import load_image
 
@@ -62,7 +63,16 @@ def to_rgb_image(image, index: int = 0, name: str = "image") -> PIL.Image.Image:
     `index` and the type given for anything else.
     """
     where = f"{name} {index}"
-    if isinstance(image, (str, os.PathLike)):
+    if isinstance(image, (str, os.PathLike)) and os.path.isfile(image):
+        # A local file is opened here, not by `load_image`, which converts to RGB before we see it: its transparency
+        # would turn black while the same picture in memory is composited onto white.
+        try:
+            with PIL.Image.open(image) as opened:
+                opened.load()
+                image = PIL.ImageOps.exif_transpose(opened)
+        except (OSError, SyntaxError, ValueError) as error:  # PIL's errors for unreadable or truncated files
+            raise ValueError(f"{where} ({describe(image)}) cannot be read as an image: {error}.") from error
+    elif isinstance(image, (str, os.PathLike)):
         try:
             image = load_image(os.fspath(image))
         except Exception as error:  # load_image raises ValueError, OSError or the HTTP client's errors
