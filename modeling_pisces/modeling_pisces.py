@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModel, GenerationConfig, GenerationMixin, PreTrainedModel
+from transformers import AutoModel, CompileConfig, GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPooling
@@ -23,6 +23,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_pisces import PiscesConfig
+from .static_decoding import StaticImageDecoding, choose_cache_implementation, choose_compile_config
 
 
 # transformers 5.24 renamed the KV-cache argument and output field `past_key_values` -> `cache`; 5.17-5.23 use the old
@@ -683,6 +684,8 @@ class PiscesForConditionalGeneration(PiscesPreTrainedModel, GenerationMixin):
         negative_input_ids: torch.LongTensor | None = None,
         negative_attention_mask: torch.LongTensor | None = None,
         use_cache: bool = True,
+        cache_implementation: str | None = None,
+        compile_config: CompileConfig | None = None,
         **kwargs,
     ) -> torch.FloatTensor:
         r"""
@@ -691,6 +694,18 @@ class PiscesForConditionalGeneration(PiscesPreTrainedModel, GenerationMixin):
 
         With `guidance_scale > 1`, classifier-free guidance runs the conditional and the unconditional rows in one
         batched forward and combines them as `u + guidance_scale * (c - u)`; the guided vector is fed back to both.
+
+        The cache and compilation are chosen as for `generate`: `cache_implementation="static"` (argument or
+        `generation_config.cache_implementation`) preallocates the KV cache, and its one-position decode step
+        (language model, `gen_head`, guidance, `gen_projector`) is then compiled with `compile_config` (argument or
+        `generation_config.compile_config`; on CUDA by default `CompileConfig()`, whose `mode="reduce-overhead"`
+        captures the step as a CUDA graph; eager on CPU unless a compile config is given;
+        `generation_config.disable_compile=True` keeps it eager). The prompt (prefill) always runs eagerly. The
+        compiled step is reused across calls without recompiling as long as the batch size stays the same: the cache
+        is `generation_config.max_cache_len` long when set, otherwise the prompt plus `num_gen_tokens` rounded up to a
+        multiple of 256 (and never shorter than this model's last cache at that batch size), so prompts of different
+        lengths share one cache, one attention-mask shape and one graph. The first call at a new batch size, with
+        guidance switched on or off, or a prompt past the cache's length compiles once more.
 
         Args:
             input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
@@ -704,6 +719,12 @@ class PiscesForConditionalGeneration(PiscesPreTrainedModel, GenerationMixin):
                 `config.unconditional_input_ids`, the empty prompt as the processor defines it.
             use_cache (`bool`, *optional*, defaults to `True`):
                 `False` recomputes the whole sequence at every step (slower, same result).
+            cache_implementation (`str`, *optional*):
+                `"dynamic"` (transformers' `DynamicCache`, grown a position per step) or `"static"`; defaults to
+                `generation_config.cache_implementation`, else `"static"` when a compile config is given, else
+                `"dynamic"`.
+            compile_config (`transformers.CompileConfig`, *optional*):
+                `torch.compile` settings of the static decode step (see above); implies `cache_implementation="static"`.
             kwargs:
                 Passed to the language model at every step.
 
@@ -711,10 +732,16 @@ class PiscesForConditionalGeneration(PiscesPreTrainedModel, GenerationMixin):
             `torch.FloatTensor` of shape `(batch_size, num_gen_tokens, gen_hidden_size)`, in the model's dtype.
         """
         config = self.config
+        generation_config = self.generation_config
         if guidance_scale is None:
-            guidance_scale = self.generation_config.gen_guidance_scale
+            guidance_scale = generation_config.gen_guidance_scale
         if guidance_scale < 1:
             raise ValueError(f"guidance_scale must be >= 1 (1 disables guidance), got {guidance_scale}.")
+        if not use_cache and (cache_implementation == "static" or compile_config is not None):
+            raise ValueError("use_cache=False recomputes the sequence without a cache; drop cache_implementation "
+                             "and compile_config, or keep the cache.")
+        if use_cache:
+            cache_implementation = choose_cache_implementation(cache_implementation, compile_config, generation_config)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         self._check_image_prompt(input_ids, attention_mask, "input_ids")
@@ -741,6 +768,11 @@ class PiscesForConditionalGeneration(PiscesPreTrainedModel, GenerationMixin):
             input_ids, attention_mask = _left_pad(
                 [(input_ids, attention_mask), (negative_input_ids, negative_attention_mask.to(attention_mask))], pad_id
             )
+
+        if use_cache and cache_implementation == "static":
+            return self._generate_image_embeddings_static(
+                input_ids, attention_mask, guidance_scale if do_guidance else None, compile_config, **kwargs
+            )[:batch_size]
 
         language_model = self.model.language_model
         # With the cache, each step feeds only the newest position; without it, the whole sequence so far.
@@ -775,6 +807,97 @@ class PiscesForConditionalGeneration(PiscesPreTrainedModel, GenerationMixin):
                 step_embeds = torch.cat([step_embeds, next_embeds], dim=1)
                 step_positions = torch.cat([step_positions, next_positions], dim=1)
         return torch.stack(predictions, dim=1)
+
+    def _generate_image_embeddings_static(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.LongTensor,
+        guidance_scale: float | None,
+        compile_config: CompileConfig | None,
+        **kwargs,
+    ) -> torch.FloatTensor:
+        """
+        The vector loop on a static cache: the prompt eagerly, then `num_gen_tokens - 1` one-position steps, compiled
+        when a compile config applies. `input_ids` holds every row (conditional, then unconditional with guidance);
+        returns `(rows, num_gen_tokens, gen_hidden_size)`.
+        """
+        num_gen_tokens = self.config.num_gen_tokens
+        rows, prompt_length = input_ids.shape
+        device = input_ids.device
+        state = self.__dict__.setdefault("_static_image_decoding", StaticImageDecoding())
+        cache = state.cache(
+            self.config.text_config, rows, prompt_length + num_gen_tokens,
+            getattr(self.generation_config, "max_cache_len", None), self.dtype, device,
+        )
+        # The whole cache's length, fixed for the loop: the prompt's left padding, then ones, as the causal mask hides
+        # the positions not written yet.
+        full_mask = torch.ones(rows, cache.get_max_length(), dtype=attention_mask.dtype, device=device)
+        full_mask[:, :prompt_length] = attention_mask
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        scale = None if guidance_scale is None else torch.tensor(guidance_scale, dtype=torch.float32, device=device)
+
+        outputs = self.model.language_model(
+            inputs_embeds=self.get_input_embeddings()(input_ids),
+            attention_mask=full_mask,
+            position_ids=positions,
+            use_cache=True,
+            **{CACHE_KWARG: cache},
+            **kwargs,
+        )
+        prediction, next_embeds = self._guided_prediction_and_next_input(outputs.last_hidden_state[:, -1], scale)
+        predictions = [prediction]
+        positions = positions[:, -1:]
+
+        compile_config = choose_compile_config(compile_config, self.generation_config, device)
+        step = self._image_decode_step if compile_config is None else state.compiled(
+            self._image_decode_step, compile_config
+        )
+        for _ in range(num_gen_tokens - 1):
+            positions = positions + 1
+            if compile_config is not None:
+                # A captured CUDA graph overwrites its outputs on the next replay: what is kept is copied first.
+                torch.compiler.cudagraph_mark_step_begin()
+            prediction, next_embeds = step(next_embeds, positions, full_mask, cache, scale, **kwargs)
+            if compile_config is not None:
+                prediction, next_embeds = prediction.clone(), next_embeds.clone()
+            predictions.append(prediction)
+        return torch.stack(predictions, dim=1)
+
+    def _image_decode_step(
+        self,
+        embeds: torch.FloatTensor,
+        position_ids: torch.LongTensor,
+        attention_mask: torch.LongTensor,
+        cache: Cache,
+        guidance_scale: torch.Tensor | None,
+        **kwargs,
+    ) -> tuple[torch.FloatTensor, torch.FloatTensor]:
+        """
+        One position of the vector loop, the unit `torch.compile` fuses: `embeds` `(rows, 1, hidden)` at `position_ids`
+        `(rows, 1)` through the language model (writing `cache`), then the guided prediction `(rows, gen_hidden)` and
+        the next input `(rows, 1, hidden)`.
+        """
+        outputs = self.model.language_model(
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=True,
+            **{CACHE_KWARG: cache},
+            **kwargs,
+        )
+        return self._guided_prediction_and_next_input(outputs.last_hidden_state[:, -1], guidance_scale)
+
+    def _guided_prediction_and_next_input(
+        self, last_hidden_state: torch.FloatTensor, guidance_scale: torch.Tensor | None
+    ) -> tuple[torch.FloatTensor, torch.FloatTensor]:
+        """`gen_head` on `(rows, hidden)`, guidance `u + s * (c - u)` given to both halves, and its `gen_projector`."""
+        prediction = self.gen_head(last_hidden_state)
+        if guidance_scale is not None:
+            conditional, unconditional = prediction.float().chunk(2)
+            guided = unconditional + guidance_scale * (conditional - unconditional)
+            prediction = guided.to(prediction.dtype).repeat(2, 1)
+        next_embeds = self.model.gen_projector(prediction).to(last_hidden_state.dtype)[:, None]
+        return prediction, next_embeds
 
     def _check_image_prompt(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, name: str):
         if input_ids.ndim != 2 or input_ids.shape[0] == 0:
