@@ -12,6 +12,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelF
 # `pisces` one; checkpoints written before name the defining module): they must be importable from `pisces` too.
 from transformers import PreTrainedModel, ProcessorMixin  # noqa: F401
 
+from .checkpoint_files import ConfigWeightsMismatchError, CorruptCheckpointError
 from .configuration_pisces import MissingSubConfigError, PiscesConfig
 from .lora_defaults import default_lora_config, register_lora_defaults
 from .modeling_pisces import (
@@ -47,6 +48,8 @@ register_pipelines()
 __all__ = [
     "PiscesConfig",
     "MissingSubConfigError",
+    "CorruptCheckpointError",
+    "ConfigWeightsMismatchError",
     "PiscesModel",
     "PiscesForConditionalGeneration",
     "PiscesPreTrainedModel",

@@ -179,7 +179,8 @@ class PiscesConfig(PretrainedConfig):
         self.unconditional_input_ids = list(unconditional_input_ids) if unconditional_input_ids is not None else None
 
         grid = _patch_grid(self.gen_vision_config)
-        if gen_pool_size < 1 or grid % gen_pool_size != 0:
+        is_count = isinstance(gen_pool_size, int) and not isinstance(gen_pool_size, bool)
+        if not is_count or gen_pool_size < 1 or grid % gen_pool_size != 0:
             raise ValueError(
                 f"gen_pool_size={gen_pool_size} does not divide the generation encoder's {grid}x{grid} patch grid "
                 f"(image_size={self.gen_vision_config.image_size}, patch_size={self.gen_vision_config.patch_size}); "
@@ -189,10 +190,13 @@ class PiscesConfig(PretrainedConfig):
         if len(set(special_ids)) != 4:
             raise ValueError(f"image, boi, eoi and gen token ids must differ, got {special_ids}.")
         vocab_size = self.text_config.vocab_size
-        if max(special_ids) >= vocab_size:
+        outside = [f"{name}={value}" for name, value in zip(PAPER_TOKEN_IDS, special_ids) if value >= vocab_size]
+        if outside:
+            # A config.json that leaves a token id out gets the paper's, which only the paper's vocabulary holds.
             raise ValueError(
-                f"Special token id {max(special_ids)} is outside the language model's vocabulary "
-                f"(vocab_size={vocab_size}); resize the embeddings or fix the token ids."
+                f"{', '.join(outside)} is outside the language model's vocabulary (vocab_size={vocab_size}); set the "
+                "token ids the tokenizer gives <image>, <boi>, <eoi> and <gen> (the paper's ids are the default when "
+                "a config leaves them out), or resize the embeddings."
             )
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
 

@@ -22,6 +22,7 @@ from transformers.utils import ModelOutput
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple
 
+from .checkpoint_files import load_with_checked_files
 from .configuration_pisces import PiscesConfig
 from .static_decoding import StaticImageDecoding, choose_cache_implementation, choose_compile_config
 
@@ -174,7 +175,8 @@ class PiscesPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
-        loaded = super().from_pretrained(*args, **kwargs)
+        # A truncated or corrupt weights file, or a config.json that does not describe the weights, fails naming it.
+        loaded = load_with_checked_files(super().from_pretrained, cls, *args, **kwargs)
         # Loading puts new parameters in place, all trainable; the generation encoder stays frozen as built.
         model = loaded[0] if isinstance(loaded, tuple) else loaded
         for module in model.modules():

@@ -24,6 +24,7 @@ from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import logging
 from diffusers.utils.torch_utils import get_module_execution_device, randn_tensor
 
+from pisces.checkpoint_files import check_shard_index, read_safetensors_header
 from pisces.modeling_pisces import PiscesForConditionalGeneration
 from pisces.processing import PiscesProcessor
 
@@ -111,9 +112,8 @@ def retrieve_timesteps(
 
 
 def _check_component_folder(folder: Path, name: str, weights: bool) -> None:
-    """Fails early, naming the folder, when a sub-folder component is missing, unreadable or pickled."""
-    from safetensors import safe_open
-
+    """Fails early, naming the folder or file, when a sub-folder component is missing, unreadable, incomplete (its
+    safetensors headers checked against the file sizes) or pickled."""
     if not folder.is_dir():
         raise OSError(
             f"The checkpoint has no `{name}/` folder ({folder}), but model_index.json lists a {name}. Save the "
@@ -139,12 +139,10 @@ def _check_component_folder(folder: Path, name: str, weights: bool) -> None:
                 f"again with safe_serialization=True, or load the {name} yourself and pass `{name}=`."
             )
         raise OSError(f"The `{name}/` folder ({folder}) has no .safetensors weights.")
+    for index_file in folder.glob("*.safetensors.index.json"):
+        check_shard_index(index_file)
     for file in files:
-        try:
-            with safe_open(file, framework="pt") as handle:
-                handle.keys()
-        except Exception as error:  # safetensors raises its own error types for a bad header or size
-            raise OSError(f"The {name} weights {file} are corrupt or truncated: {error}.") from error
+        read_safetensors_header(file, f"{name} weights")
 
 
 def _has_root_variant(folder: Path, variant: str) -> bool:
