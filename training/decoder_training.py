@@ -5,9 +5,16 @@ denoiser -> image. It never sees the LLM, so it trains on images alone. The loss
 epsilon or v-prediction (or sample) for DDPM-family schedulers, velocity `noise - x0` for flow matching; in the VAE's
 latents when the pipeline has a VAE, in pixels otherwise. Built on accelerate (so it runs unchanged under
 `accelerate launch`) and diffusers' training utilities (`EMAModel`).
+
+With `output_dir` and `save_steps`, a run writes `checkpoint-<step>` folders (the decoder as a diffusers model folder,
+the optimizer, schedule, EMA and random states, and `trainer_state.json` with the position in the data and the losses),
+each whole or not at all (`pisces.training.checkpoints`), and `resume_from_checkpoint=True` continues from the last
+complete one with the losses of an uninterrupted run.
 """
 
+import json
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -20,10 +27,25 @@ from transformers.utils import logging
 from pisces.pipelines import decoder_conditioning, decoder_input
 from pisces.processing.processing_pisces import to_rgb_image
 
+from .checkpoints import (
+    CHECKPOINT_PREFIX,
+    STATE_FILE,
+    checkpoint_folders,
+    incomplete_reason,
+    last_complete_checkpoint,
+    publish_checkpoint,
+    remove_leftovers,
+    rotate_checkpoints,
+    staging_folder,
+)
 from .data import load_row_image
 
 
 logger = logging.get_logger(__name__)
+
+# In each checkpoint: the decoder (a diffusers model folder) and the optimizer, schedule, EMA and random states.
+DECODER_FOLDER = "decoder"
+TRAINING_STATE_FILE = "training_state.pt"
 
 
 def is_flow_matching(scheduler) -> bool:
@@ -106,6 +128,10 @@ def train_decoder(
     logging_steps: int = 10,
     image_column: str = "image",
     num_workers: int = 0,
+    output_dir: str | None = None,
+    save_steps: int | None = None,
+    save_total_limit: int | None = None,
+    resume_from_checkpoint: bool | str | None = None,
 ) -> list[float]:
     """
     Trains `pipe.decoder` in place to reconstruct images from `pipe.model`'s frozen generation-encoder vectors.
@@ -125,12 +151,24 @@ def train_decoder(
         logging_steps: print the mean loss every this many steps (main process).
         image_column: the key of the image in each row.
         num_workers: dataloader workers.
+        output_dir: the folder of the checkpoints, `output_dir/checkpoint-<step>`.
+        save_steps: write a checkpoint every this many optimizer steps, and at the last one (needs `output_dir`).
+        save_total_limit: keep only this many checkpoints (the newest; default: all).
+        resume_from_checkpoint: `True` to continue from the last complete checkpoint in `output_dir`, or a checkpoint
+            folder. The run must have the same data, batch size, accumulation, processes, seed and EMA setting;
+            `max_steps` may grow.
 
     Returns:
-        The loss of every optimizer step (averaged over its micro-batches and, with several processes, over them).
+        The loss of every optimizer step (averaged over its micro-batches and, with several processes, over them),
+        from the first step of the run, also when it resumed.
     """
     if not 0.0 <= condition_dropout < 1.0:
         raise ValueError(f"condition_dropout must be in [0, 1), got {condition_dropout}.")
+    if save_steps is not None and save_steps < 1:
+        raise ValueError(f"save_steps must be at least 1, got {save_steps}.")
+    if (save_steps or resume_from_checkpoint is True) and output_dir is None:
+        raise ValueError("Checkpoints need a folder: pass output_dir with save_steps or resume_from_checkpoint=True.")
+    checkpoint = _checkpoint_to_resume(output_dir, resume_from_checkpoint)
     accelerator = Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=gradient_accumulation_steps)
     set_seed(seed)
     device = accelerator.device
@@ -149,9 +187,11 @@ def train_decoder(
     num_train_timesteps = noise_scheduler.config.num_train_timesteps
 
     dataset = DecoderImages(rows, pipe, image_column)
+    # The data order: drawn from this generator at the start of each epoch, so its state there is the epoch's order.
+    order_generator = torch.Generator().manual_seed(seed)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=True, drop_last=len(dataset) >= batch_size, num_workers=num_workers,
-        generator=torch.Generator().manual_seed(seed),
+        generator=order_generator,
     )
     optimizer = torch.optim.AdamW(decoder.parameters(), lr=learning_rate, weight_decay=1e-2)
     warmup = max(1, max_steps // 20)
@@ -161,10 +201,34 @@ def train_decoder(
     if ema is not None:
         ema.to(device)
 
+    # What a checkpoint must match to continue this run (the data position depends on all of it).
+    run_settings = {
+        "rows": len(dataset),
+        "batch_size": batch_size,
+        "gradient_accumulation_steps": gradient_accumulation_steps,
+        "num_processes": accelerator.num_processes,
+        "seed": seed,
+        "ema": ema is not None,
+    }
     losses, pending, step = [], [], 0
+    start_epoch, start_batch = 0, 0
+    if checkpoint is not None:
+        state = _load_checkpoint(checkpoint, run_settings, accelerator, decoder, optimizer, lr_scheduler, ema)
+        losses, step = state["losses"], state["global_step"]
+        start_epoch, start_batch = state["epoch"], state["batches_in_epoch"]
+        order_generator.set_state(state["order_generator"])
+        dataset.skipped = state["skipped_rows"]
+        if accelerator.is_main_process:
+            print(f"decoder: resuming from {checkpoint} at step {step}", flush=True)
     epochs = math.ceil(max_steps * gradient_accumulation_steps / max(1, len(loader)))
-    for epoch in range(epochs):
-        for batch in loader:
+    for epoch in range(start_epoch, epochs):
+        if step >= max_steps:
+            break
+        epoch_order = order_generator.get_state()
+        first_batch = start_batch if epoch == start_epoch else 0
+        # A resumed epoch draws the same order and skips what the run had done of it (without loading those images).
+        epoch_loader = accelerator.skip_first_batches(loader, first_batch) if first_batch else loader
+        for batch_index, batch in enumerate(epoch_loader, start=first_batch):
             with accelerator.accumulate(decoder):
                 random = PerSampleRandom(batch["index"], epoch, seed, device)
                 with torch.no_grad():
@@ -220,10 +284,21 @@ def train_decoder(
             if accelerator.is_main_process and (step % logging_steps == 0 or step == max_steps):
                 recent = losses[-logging_steps:]
                 print(f"decoder step {step}/{max_steps}: loss {sum(recent) / len(recent):.4f}", flush=True)
+            if save_steps and (step % save_steps == 0 or step == max_steps):
+                state = {
+                    "global_step": step,
+                    "epoch": epoch,
+                    "batches_in_epoch": batch_index + 1,
+                    "losses": losses,
+                    "skipped_rows": dataset.skipped,
+                    "run": run_settings,
+                }
+                _save_checkpoint(
+                    Path(output_dir), state, epoch_order, accelerator, decoder, optimizer, lr_scheduler, ema,
+                    save_total_limit,
+                )
             if step >= max_steps:
                 break
-        if step >= max_steps:
-            break
 
     accelerator.wait_for_everyone()
     decoder = accelerator.unwrap_model(decoder)
@@ -234,6 +309,84 @@ def train_decoder(
     if dataset.skipped:
         logger.warning(f"Skipped {dataset.skipped} bad image rows.")
     return losses
+
+
+def _checkpoint_to_resume(output_dir, resume_from_checkpoint) -> Path | None:
+    """The checkpoint folder that `resume_from_checkpoint` names (see `train_decoder`), checked to be complete."""
+    if resume_from_checkpoint in (None, False):
+        return None
+    if resume_from_checkpoint is True:
+        last = last_complete_checkpoint(output_dir)
+        if last is None:
+            found = ", ".join(path.name for path in checkpoint_folders(output_dir))
+            incomplete = f" (only incomplete ones: {found})" if found else ""
+            raise ValueError(f"No complete {CHECKPOINT_PREFIX}-* folder in {output_dir} to resume from{incomplete}.")
+        return last
+    folder = Path(resume_from_checkpoint)
+    reason = incomplete_reason(folder)
+    if reason is None and not (folder / TRAINING_STATE_FILE).is_file():
+        reason = f"it has no {TRAINING_STATE_FILE} (it is not a decoder training checkpoint)"
+    if reason is not None:
+        raise ValueError(f"Cannot resume from {folder}: {reason}, so it is not a complete checkpoint.")
+    return folder
+
+
+def _save_checkpoint(
+    output_dir: Path, state: dict, epoch_order, accelerator, decoder, optimizer, lr_scheduler, ema, save_total_limit
+) -> None:
+    """Writes `output_dir/checkpoint-<step>` whole (staged, then renamed), then rotates; the main process writes."""
+    if accelerator.is_main_process:
+        remove_leftovers(output_dir)  # of a save that a kill interrupted
+        final = output_dir / f"{CHECKPOINT_PREFIX}-{state['global_step']}"
+        staged = staging_folder(output_dir, state["global_step"])
+        staged.mkdir(parents=True)
+        accelerator.unwrap_model(decoder).save_pretrained(staged / DECODER_FOLDER)
+        training_state = {
+            "optimizer": optimizer.state_dict(),
+            "lr_scheduler": lr_scheduler.state_dict(),
+            "ema": None if ema is None else ema.state_dict(),
+            "scaler": None if accelerator.scaler is None else accelerator.scaler.state_dict(),
+            "order_generator": epoch_order,
+            "cpu_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        }
+        torch.save(training_state, staged / TRAINING_STATE_FILE)
+        (staged / STATE_FILE).write_text(json.dumps(state, indent=1))  # last: the Trainer's completion mark
+        publish_checkpoint(staged, final)
+        rotate_checkpoints(checkpoint_folders(output_dir), save_total_limit, protected=(final,))
+    accelerator.wait_for_everyone()
+
+
+def _load_checkpoint(folder: Path, run_settings: dict, accelerator, decoder, optimizer, lr_scheduler, ema) -> dict:
+    """Restores a checkpoint of `_save_checkpoint` into the prepared objects; returns its state and data order."""
+    from safetensors.torch import load_file
+
+    state = json.loads((folder / STATE_FILE).read_text())
+    saved = state.get("run", {})
+    changed = [f"{name} {saved.get(name)} -> {new}" for name, new in run_settings.items() if saved.get(name) != new]
+    if changed:
+        raise ValueError(
+            f"Cannot resume from {folder}: the run differs from the one that wrote it ({', '.join(changed)}); resume "
+            "with the same data and settings, or start a new run in a new folder."
+        )
+    weights = {}
+    for file in sorted((folder / DECODER_FOLDER).glob("*.safetensors")):  # one file, or the shards of a large model
+        weights.update(load_file(file))
+    accelerator.unwrap_model(decoder).load_state_dict(weights)
+    # Tensors and plain values only: never unpickle code.
+    training_state = torch.load(folder / TRAINING_STATE_FILE, map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(training_state["optimizer"])
+    lr_scheduler.load_state_dict(training_state["lr_scheduler"])
+    if ema is not None:
+        ema.load_state_dict(training_state["ema"])
+        ema.to(accelerator.device)
+    if accelerator.scaler is not None and training_state["scaler"] is not None:
+        accelerator.scaler.load_state_dict(training_state["scaler"])
+    torch.set_rng_state(training_state["cpu_rng"])
+    if training_state["cuda_rng"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(training_state["cuda_rng"])
+    state["order_generator"] = training_state["order_generator"]
+    return state
 
 
 @torch.no_grad()

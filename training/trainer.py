@@ -5,13 +5,37 @@
 three things a long multimodal run needs in its log: `lm_loss` and `gen_loss` separately (averaged over the logging
 interval and over processes) and the number of bad data rows skipped. Under DDP it expects parameters without a
 gradient (a batch that holds one direction only leaves the other direction's projector and head out).
+
+Its checkpoints appear whole or not at all (`pisces.training.checkpoints`): each `checkpoint-<step>` is written into
+`tmp-checkpoint-<step>/` and renamed into place when complete, rotation (`save_total_limit`) deletes only after that,
+and `train(resume_from_checkpoint=True)` resumes from the last complete checkpoint, so a run killed at any moment,
+even in the middle of a save, resumes with the losses of an uninterrupted run.
 """
+
+from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainingArguments
+from transformers.trainer_utils import sort_checkpoints
+from transformers.utils import logging
 
+from .checkpoints import (
+    CHECKPOINT_PREFIX,
+    STATE_FILE,
+    checkpoint_folders,
+    checkpoint_step,
+    incomplete_reason,
+    last_complete_checkpoint,
+    publish_checkpoint,
+    remove_leftovers,
+    rotate_checkpoints,
+    staging_folder,
+)
 from .data import SKIPPED_ROWS_KEY, PiscesCollator, PiscesTrainingDataset
 from .stages import apply_stage
+
+
+logger = logging.get_logger(__name__)
 
 
 class PiscesTrainer(Trainer):
@@ -35,6 +59,82 @@ class PiscesTrainer(Trainer):
             # The collator reads the raw samples (images, texts); the Trainer must not strip them.
             self.args.remove_unused_columns = False
         self._metric_sums = None
+        self._staging_run_dir = None
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        """
+        `Trainer.train`; `resume_from_checkpoint=True` resumes from the last complete `checkpoint-<step>` of
+        `args.output_dir` (one that a killed save left half-written is skipped), and a folder that is not a complete
+        checkpoint is refused.
+        """
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = self.last_complete_checkpoint()
+        elif resume_from_checkpoint not in (None, False):
+            reason = incomplete_reason(resume_from_checkpoint)
+            if reason is not None:
+                raise ValueError(
+                    f"Cannot resume from {resume_from_checkpoint}: {reason}, so it is not a complete checkpoint."
+                )
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def last_complete_checkpoint(self) -> str:
+        """The last complete checkpoint of `args.output_dir`; a `ValueError` when there is none."""
+        output_dir = self.args.output_dir
+        last = last_complete_checkpoint(output_dir)
+        if last is None:
+            found = checkpoint_folders(output_dir)
+            incomplete = f" (only incomplete ones: {', '.join(path.name for path in found)})" if found else ""
+            raise ValueError(f"No complete {CHECKPOINT_PREFIX}-* folder in {output_dir} to resume from{incomplete}.")
+        newer = [path for path in checkpoint_folders(output_dir) if checkpoint_step(path) > checkpoint_step(last)]
+        skipped = [path.name for path in newer if incomplete_reason(path) is not None]
+        if skipped:
+            logger.warning(f"Skipping incomplete checkpoints {', '.join(skipped)}; resuming from {last}.")
+        return str(last)
+
+    def _get_output_dir(self, trial) -> str:
+        # While a checkpoint is being saved, the Trainer writes it under the staging folder (see `_save_checkpoint`).
+        if self._staging_run_dir is not None:
+            return str(self._staging_run_dir)
+        return super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """
+        The Trainer's checkpoint, written into `tmp-checkpoint-<step>/checkpoint-<step>` and renamed to
+        `checkpoint-<step>` once every process has written its part; then the rotation.
+        """
+        run_dir = Path(self._get_output_dir(trial))
+        step = self.state.global_step
+        final = run_dir / f"{CHECKPOINT_PREFIX}-{step}"
+        staging = staging_folder(run_dir, step)
+        staged = staging / final.name
+        if self.args.should_save:
+            remove_leftovers(run_dir)  # of a save that a kill interrupted
+        self.accelerator.wait_for_everyone()
+        self._staging_run_dir = staging
+        try:
+            super()._save_checkpoint(model, trial)  # its rotation sees only the staging folder: it deletes nothing
+        finally:
+            self._staging_run_dir = None
+        best = self.state.best_model_checkpoint
+        if best is not None and Path(best).parent == staging:
+            # The Trainer named the best checkpoint where it was written; point at where it will be.
+            self.state.best_model_checkpoint = str(run_dir / Path(best).name)
+            if self.args.should_save:
+                self.state.save_to_json(str(staged / STATE_FILE))
+        self.accelerator.wait_for_everyone()
+        if self.args.process_index == 0:
+            publish_checkpoint(staged, final)
+        self.accelerator.wait_for_everyone()
+        if self.args.local_process_index == 0 and staged.exists():
+            publish_checkpoint(staged, final)  # node-local filesystems: every node publishes its own copy
+        if self.args.local_process_index == 0:
+            try:
+                staging.rmdir()
+            except OSError:
+                pass  # already removed by another node's process
+        if self.args.should_save:
+            ordered = [Path(path) for path in sort_checkpoints(str(run_dir), use_mtime=True)]
+            rotate_checkpoints(ordered, self.args.save_total_limit, protected=(final, self.state.best_model_checkpoint))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         skipped = inputs.pop(SKIPPED_ROWS_KEY, None)
