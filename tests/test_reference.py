@@ -65,24 +65,42 @@ def test_recipe_runs_resumes_after_an_interruption_and_repeats_itself(tmp_path, 
     assert pipe.model.config.num_gen_tokens == 16 and pipe.model.config.num_image_tokens == 9  # one per cell
     assert pipe.model.config.gen_input_noise > 0
 
-    # Interrupted in the decoder part, then run again: it resumes after the VAE and ends with the same weights.
-    run_part = reference._run_part
+    # Killed in the middle of saving the VAE part (its model_index.json half-written), then killed right after
+    # saving the decoder part (before anything else), then run to the end: each time it resumes from the last part
+    # that was saved whole, and the run ends with the same weights and a record of every part.
+    class Killed(BaseException):
+        """Stands for SIGKILL: nothing of the run's own code runs after it (no cleanup, no record)."""
 
-    def interrupted(pipe, part, *args, **kwargs):
-        if part == "decoder":
-            raise KeyboardInterrupt
-        return run_part(pipe, part, *args, **kwargs)
+    save_components, save_pretrained = PiscesPipeline.save_components, PiscesPipeline.save_pretrained
 
-    monkeypatch.setattr(reference, "_run_part", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        train_reference(tmp_path / "second", **quiet)
-    assert sorted(p.name for p in (tmp_path / "second.partial").iterdir() if p.is_dir()) == [
-        "0-gen_encoder", "1-und_encoder", "2-vae"
-    ]
-    monkeypatch.setattr(reference, "_run_part", run_part)
+    def killed_while_saving_the_vae(pipe, folder, **kwargs):
+        save_components(pipe, folder, **kwargs)
+        if "vae" in str(folder):
+            index = folder / "model_index.json"
+            index.write_text(index.read_text()[:40])
+            raise Killed
+
+    def killed_after_saving_the_decoder(pipe, folder, **kwargs):
+        save_pretrained(pipe, folder, **kwargs)
+        if "decoder" in str(folder):
+            raise Killed
+
     messages = []
+    kills = [("save_components", killed_while_saving_the_vae), ("save_pretrained", killed_after_saving_the_decoder)]
+    for name, kill in kills:
+        monkeypatch.setattr(PiscesPipeline, name, kill)
+        with pytest.raises(Killed):
+            train_reference(tmp_path / "second", **dict(quiet, log=messages.append))
+        monkeypatch.undo()
+    assert any("resuming from" in message and message.endswith("1-und_encoder") for message in messages)
+    assert sorted(p.name for p in (tmp_path / "second.partial").iterdir() if p.is_dir()) == [
+        "0-gen_encoder", "1-und_encoder", "2-vae", "tmp-3-decoder"
+    ]
+    messages.clear()
     second = train_reference(tmp_path / "second", **dict(quiet, log=messages.append))
     assert any("resuming from" in message and message.endswith("2-vae") for message in messages)
+    assert json.loads((second / reference.TRAINING_LOG).read_text())["parts"].keys() == record["parts"].keys()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["first", "second"]
     first_weights, second_weights = _weights(first), _weights(second)
     assert first_weights.keys() == second_weights.keys()
     assert all(torch.equal(first_weights[name], second_weights[name]) for name in first_weights)

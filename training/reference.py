@@ -20,13 +20,16 @@ directions, (2) detailed captions, (3) instructions (question answering, two fif
 with generation. The `generation-only` recipe trains the same LLM steps on generation alone, for the synergy
 comparison.
 
-`train_reference(out_dir)` writes each finished part to `<out_dir>.partial/` as a complete pipeline folder and
-starts from the last one when run again, so an interrupted run resumes; the finished model goes to `out_dir` with
-`reference_training.json` (times, losses and scores), and the `.partial` folder is removed.
+`train_reference(out_dir)` writes each finished part to `<out_dir>.partial/` as a complete pipeline folder, with the
+record of the run so far (`reference_training.json`) inside it, and starts from the last one when run again, so an
+interrupted run resumes; the finished model goes to `out_dir` with the record (times, losses and scores), and the
+`.partial` folder is removed. Every folder appears whole or not at all: it is written under a `tmp-` name and renamed
+when complete, so a run killed at any moment, even in the middle of a save, resumes from its last finished part.
 """
 
 import json
 import math
+import os
 import random
 import shutil
 import time
@@ -512,6 +515,25 @@ def _parts(budget: Budget) -> list[str]:
     return ["gen_encoder", "und_encoder", "vae", "decoder"] + [stage.name for stage in budget.stages]
 
 
+def _part_folder(parts: list[str], part: str) -> str:
+    """The folder of a finished part in the `.partial` folder: `<index>-<part>`."""
+    return f"{parts.index(part)}-{part}"
+
+
+# A folder being written; renamed to its name without the prefix when complete.
+_STAGING_PREFIX = "tmp-"
+
+
+def _write_json(path: Path, data: dict) -> None:
+    """Writes `path` whole or not at all: a temporary file beside it, flushed, then renamed over it."""
+    temporary = path.with_name(f"{_STAGING_PREFIX}{path.name}")
+    with open(temporary, "w") as file:
+        file.write(json.dumps(data, indent=1))
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temporary, path)
+
+
 def _run_part(pipe, part: str, recipe: str, budget: Budget, seed: int, work_dir: Path, log):
     """Trains one part in place and returns what to record of it (losses)."""
     model = pipe.model
@@ -620,6 +642,8 @@ def train_reference(
     """
     from pisces.pipelines import PiscesPipeline
 
+    from .checkpoints import publish_checkpoint
+
     if recipe not in RECIPES:
         raise ValueError(f"Unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}.")
     out_dir = Path(out_dir)
@@ -627,27 +651,36 @@ def train_reference(
         raise FileExistsError(f"{out_dir} exists and is not empty; pass a new folder.")
     work_dir = out_dir.with_name(out_dir.name + ".partial")
     work_dir.mkdir(parents=True, exist_ok=True)
+    for leftover in work_dir.glob(f"{_STAGING_PREFIX}*"):  # what a kill in the middle of a save left
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
     record_path = work_dir / TRAINING_LOG
     given = None if components_from is None else str(components_from)
-    record = {"recipe": recipe, "seed": seed, "components_from": given, "parts": {}}
-    if record_path.is_file():
-        record = json.loads(record_path.read_text())
-    if (record["recipe"], record["seed"], record.get("components_from")) != (recipe, seed, given):
-        raise ValueError(
-            f"{work_dir} holds a partial run of recipe {record['recipe']!r} with seed {record['seed']} and components "
-            f"from {record.get('components_from')}; resume it with the same arguments, or delete the folder."
-        )
     parts = _parts(budget)
     # Parts taken from `components_from` are never trained, on a first run or when resuming one.
     taken = parts[:4] if given is not None else []
     trained = [
         part for part in parts
-        if part not in taken and (work_dir / f"{parts.index(part)}-{part}" / "model_index.json").is_file()
+        if part not in taken and (work_dir / _part_folder(parts, part) / "model_index.json").is_file()
     ]
+    last = work_dir / _part_folder(parts, trained[-1]) if trained else None
+    record = {"recipe": recipe, "seed": seed, "components_from": given, "parts": {}}
+    # The record of the last finished part was written with it; the run's own copy may be older.
+    for saved in ([last / TRAINING_LOG] if last is not None else []) + [record_path]:
+        if saved.is_file():
+            record = json.loads(saved.read_text())
+            break
+    if (record["recipe"], record["seed"], record.get("components_from")) != (recipe, seed, given):
+        raise ValueError(
+            f"{work_dir} holds a partial run of recipe {record['recipe']!r} with seed {record['seed']} and components "
+            f"from {record.get('components_from')}; resume it with the same arguments, or delete the folder."
+        )
+    _write_json(record_path, record)
     done = taken + trained
     torch.manual_seed(seed)
     if trained:
-        last = work_dir / f"{parts.index(trained[-1])}-{trained[-1]}"
         log(f"resuming from {last}")
         pipe = PiscesPipeline.from_pretrained(last)
     elif given is not None:
@@ -662,14 +695,22 @@ def train_reference(
         entry = _run_part(pipe, part, recipe, budget, seed, work_dir, log)
         entry["seconds"] = round(time.perf_counter() - start, 1)
         log(f"  {part} took {entry['seconds'] / 60:.1f} min")
-        pipe.save_pretrained(work_dir / f"{index}-{part}")
         record["parts"][part] = entry
-        record_path.write_text(json.dumps(record, indent=1))
+        staged = work_dir / f"{_STAGING_PREFIX}{_part_folder(parts, part)}"
+        pipe.save_pretrained(staged)
+        _write_json(staged / TRAINING_LOG, record)
+        publish_checkpoint(staged, work_dir / _part_folder(parts, part))
+        _write_json(record_path, record)
     record["train_seconds"] = round(sum(entry["seconds"] for entry in record["parts"].values()), 1)
     if evaluate:
         record["eval"] = evaluate_reference(pipe, log=log)
-    pipe.save_pretrained(out_dir)
-    (out_dir / TRAINING_LOG).write_text(json.dumps(record, indent=1))
+    staged = out_dir.with_name(f"{_STAGING_PREFIX}{out_dir.name}")
+    shutil.rmtree(staged, ignore_errors=True)
+    pipe.save_pretrained(staged)
+    _write_json(staged / TRAINING_LOG, record)
+    if out_dir.exists():
+        out_dir.rmdir()  # empty (checked above)
+    publish_checkpoint(staged, out_dir)
     if not keep_work:
         shutil.rmtree(work_dir)
     log(f"wrote {out_dir} (training {record['train_seconds'] / 60:.1f} min)")
