@@ -22,7 +22,7 @@ from .modeling_pisces import (
     PiscesModelOutputWithPast,
     PiscesPreTrainedModel,
 )
-from pisces.processing import PiscesProcessor
+from pisces.processing import PiscesProcessor, SequenceTooLongError
 from pisces.pipelines import (
     PiscesPipeline,
     PiscesTextToImagePipeline,
@@ -56,6 +56,7 @@ __all__ = [
     "PiscesModelOutputWithPast",
     "PiscesCausalLMOutputWithPast",
     "PiscesProcessor",
+    "SequenceTooLongError",
     "PiscesPipeline",
     "PiscesTextToImagePipeline",
     "decoder_conditioning",

@@ -194,8 +194,10 @@ def _config_fields_left_out(config_file: Path, sub_config_names) -> list[str]:
         saved = json.loads(config_file.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return []
-    from transformers import AutoConfig
+    from transformers import AutoConfig, PretrainedConfig
 
+    # The fields every config has (chunk_size_feed_forward, ...) set no shape; some versions do not save them.
+    generic = set(PretrainedConfig().to_dict())
     left_out = []
     for name in sub_config_names:
         sub = saved.get(name)
@@ -205,7 +207,7 @@ def _config_fields_left_out(config_file: Path, sub_config_names) -> list[str]:
             defaults = AutoConfig.for_model(sub["model_type"]).to_dict()
         except (ValueError, KeyError):
             continue
-        shape_fields = [key for key, value in defaults.items() if type(value) is int]
+        shape_fields = [key for key, value in defaults.items() if type(value) is int and key not in generic]
         left_out += [f"{name}.{key} (defaulted to {defaults[key]})" for key in shape_fields if key not in sub]
     return left_out
 

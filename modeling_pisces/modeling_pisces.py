@@ -919,6 +919,16 @@ class PiscesForConditionalGeneration(PiscesPreTrainedModel, GenerationMixin):
                 f"Every row of {name} must end with the <boi> token (id {self.config.boi_token_id}), which starts the "
                 f"image; PiscesProcessor(text=..., generation_mode='image') adds it."
             )
+        # Positions past the language model's range run without error and decode to a smear.
+        positions = getattr(self.config.text_config, "max_position_embeddings", None)
+        longest = int(attention_mask.sum(-1).max())
+        if positions is not None and longest + self.config.num_gen_tokens > positions:
+            raise ValueError(
+                f"{name} has a prompt of {longest} tokens: with the {self.config.num_gen_tokens} image tokens it needs "
+                f"{longest + self.config.num_gen_tokens} positions, more than the language model's {positions} "
+                f"(max_position_embeddings). Shorten the prompt to at most {positions - self.config.num_gen_tokens} "
+                "tokens."
+            )
 
 
 __all__ = [

@@ -10,12 +10,14 @@ from .processing_pisces import (
     IMAGE_TOKEN,
     PiscesProcessor,
     PiscesProcessorKwargs,
+    SequenceTooLongError,
 )
 
 
 __all__ = [
     "PiscesProcessor",
     "PiscesProcessorKwargs",
+    "SequenceTooLongError",
     "CHAT_TEMPLATE",
     "CHATML_TEMPLATE",
     "IMAGE_TOKEN",

@@ -17,8 +17,10 @@ image-processor backend `from_pretrained(backend=...)` names, and `apply_chat_te
 The unconditional prompt is defined here, once (`unconditional_prompt`, `unconditional_input_ids`).
 """
 
+import json
 import re
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Unpack
 
 from transformers import BatchFeature
@@ -41,6 +43,10 @@ GENERATION_MODES = ("text", "image")
 # The PIL backend gives a checkpoint the same pixel values on every machine (the torchvision one is picked by
 # default wherever torchvision is installed); `from_pretrained(backend="torchvision")` opts into it.
 DEFAULT_IMAGE_PROCESSOR_BACKEND = "pil"
+
+
+class SequenceTooLongError(ValueError):
+    """A text, once formatted and expanded, does not fit in the language model's positions."""
 
 
 class PiscesProcessorKwargs(ProcessingKwargs, total=False):
@@ -89,6 +95,15 @@ def _image_processor_class(type_name: str, backend: str) -> type:
     return ProcessorMixin.get_possibly_dynamic_module(type_name)
 
 
+def _max_position_embeddings(config_file: Path) -> int | None:
+    """`text_config.max_position_embeddings` of a local model config.json, or None (no file, or no such field)."""
+    try:
+        value = json.loads(config_file.read_text()).get("text_config", {}).get("max_position_embeddings")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
 def _offsets_before_replacements(offsets, replacements: list[dict], shift: int = 0) -> list[tuple[int, int]]:
     """
     `(start, end)` character offsets into a text whose placeholders were expanded, mapped back to the text before
@@ -130,6 +145,11 @@ class PiscesProcessor(ProcessorMixin):
             Placeholder tokens per generation image (`config.num_gen_tokens`). Set it from the model config.
         image_token, boi_token, eoi_token, gen_token (`str`, *optional*):
             The special tokens; their ids are looked up in the tokenizer.
+        max_sequence_length (`int`, *optional*):
+            Positions of the language model (`config.text_config.max_position_embeddings`). A text longer once its
+            placeholders are expanded (and a text-to-image prompt that leaves no room for its `num_gen_tokens`) is
+            refused, since the model would run past its positions silently. `from_pretrained` reads it from the
+            checkpoint's config.json when processor_config.json does not hold it; `None` checks nothing.
     """
 
     # No `*_class` attributes: ProcessorMixin finds the sub-processors by their `__init__` argument names; the
@@ -153,6 +173,7 @@ class PiscesProcessor(ProcessorMixin):
         boi_token: str = BOI_TOKEN,
         eoi_token: str = EOI_TOKEN,
         gen_token: str = GEN_TOKEN,
+        max_sequence_length: int | None = None,
         **kwargs,
     ):
         given = {"image_processor": image_processor, "gen_image_processor": gen_image_processor, "tokenizer": tokenizer}
@@ -162,11 +183,19 @@ class PiscesProcessor(ProcessorMixin):
         for name, value in (("num_image_tokens", num_image_tokens), ("num_gen_tokens", num_gen_tokens)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int (from the model config), got {value!r}.")
+        if max_sequence_length is not None and (
+            isinstance(max_sequence_length, bool) or not isinstance(max_sequence_length, int) or max_sequence_length < 1
+        ):
+            raise ValueError(
+                "max_sequence_length must be a positive int (the language model's max_position_embeddings) or None, "
+                f"got {max_sequence_length!r}."
+            )
         if kwargs:
             logger.warning(f"PiscesProcessor ignores unknown arguments: {', '.join(sorted(kwargs))}.")
 
         self.num_image_tokens = num_image_tokens
         self.num_gen_tokens = num_gen_tokens
+        self.max_sequence_length = max_sequence_length
         self.image_token = image_token
         self.boi_token = boi_token
         self.eoi_token = eoi_token
@@ -218,7 +247,15 @@ class PiscesProcessor(ProcessorMixin):
         use_fast = kwargs.pop("use_fast", None)
         if backend is None:
             backend = DEFAULT_IMAGE_PROCESSOR_BACKEND if use_fast is None else ("torchvision" if use_fast else "pil")
-        return super().from_pretrained(pretrained_model_name_or_path, *args, image_processor_backend=backend, **kwargs)
+        processor = super().from_pretrained(
+            pretrained_model_name_or_path, *args, image_processor_backend=backend, **kwargs
+        )
+        if processor.max_sequence_length is None:
+            # Checkpoints saved before the processor held it: the model's own config in the same folder says it.
+            processor.max_sequence_length = _max_position_embeddings(
+                Path(pretrained_model_name_or_path) / (kwargs.get("subfolder") or "") / "config.json"
+            )
+        return processor
 
     @classmethod
     def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
@@ -427,6 +464,7 @@ class PiscesProcessor(ProcessorMixin):
                             f"{label} {index} is {length} tokens once formatted, more than "
                             f"max_length={limit}; truncating it would cut the final <boi>. Shorten the prompt."
                         )
+            self._check_fits(encoded, label, room=self.num_gen_tokens)
             data[f"{prefix}input_ids"] = encoded["input_ids"]
             if "attention_mask" in encoded:
                 data[f"{prefix}attention_mask"] = encoded["attention_mask"]
@@ -479,6 +517,32 @@ class PiscesProcessor(ProcessorMixin):
                 f"were given; every {name[:-1]} needs exactly one {token} in the text{hint}."
             )
 
+    def _check_fits(self, encoded, label: str, room: int, placeholders=None):
+        """
+        Refuses a row longer than `max_sequence_length` minus `room` (the image tokens a text-to-image prompt is
+        followed by). Nothing is truncated: a cut prompt draws or answers something else than asked, and a cut at
+        either end would lose the `<boi>` or the assistant header that ends it, or image placeholders.
+        """
+        if self.max_sequence_length is None:
+            return
+        limit = self.max_sequence_length - room
+        for index, ids in enumerate(encoded["input_ids"]):
+            length = sum(encoded["attention_mask"][index]) if "attention_mask" in encoded else len(ids)
+            if length <= limit:
+                continue
+            detail = ""
+            if placeholders is not None and any(placeholders[index]):
+                images, gens = placeholders[index]
+                detail = (
+                    f", of which {images * self.num_image_tokens + gens * self.num_gen_tokens} are image placeholders"
+                )
+            after = f", and the {room} image tokens that follow it make {length + room}" if room else ""
+            raise SequenceTooLongError(
+                f"{label} {index} is {length} tokens once formatted{detail}{after}: more than the language model's "
+                f"{self.max_sequence_length} positions (max_position_embeddings), past which it runs silently. "
+                f"Shorten it by at least {length - limit} tokens."
+            )
+
     def _adds_bos(self) -> bool:
         bos = self.tokenizer.bos_token_id
         return bos is not None and self.tokenizer("", add_special_tokens=True)["input_ids"][:1] == [bos]
@@ -509,6 +573,8 @@ class PiscesProcessor(ProcessorMixin):
         texts, image_spans = self.get_text_with_replacements(list(texts), image_replacements)
         texts, gen_spans = self._expand_gen_tokens(texts, gen_replacements)
         data = dict(self.tokenizer(texts, **text_kwargs))
+        if limit is None:
+            self._check_fits(data, "Text", room=0, placeholders=counts)
         for index, ids in enumerate(data["input_ids"]):
             for token_id, per_item, count, token in (
                 (self.image_token_id, self.num_image_tokens, counts[index][0], self.image_token),
@@ -580,6 +646,7 @@ class PiscesProcessor(ProcessorMixin):
 __all__ = [
     "PiscesProcessor",
     "PiscesProcessorKwargs",
+    "SequenceTooLongError",
     "IMAGE_TOKEN",
     "BOI_TOKEN",
     "EOI_TOKEN",

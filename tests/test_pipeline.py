@@ -363,7 +363,8 @@ def test_corrupt_decoder_weights_are_named(tiny_checkpoint, tmp_path):
     ckpt = _copy(tiny_checkpoint, tmp_path)
     weights = ckpt / "decoder" / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
-    with pytest.raises(OSError, match=r"decoder weights .*decoder/diffusion_pytorch_model.safetensors are corrupt"):
+    expected = r"decoder weights .*decoder/diffusion_pytorch_model.safetensors .*incomplete or corrupt"
+    with pytest.raises(OSError, match=expected):
         PiscesPipeline.from_pretrained(ckpt)
 
 

@@ -5,7 +5,8 @@
 - `PiscesTrainingDataset` turns rows (from that folder, a Hugging Face `datasets.Dataset`, or any list of dicts) into
   training samples, each in one direction: caption (image -> text, cross-entropy), question answering (image +
   question -> answer) or generation (text -> image vectors, MSE), with caption dropout on generation samples for
-  classifier-free guidance. Bad rows (missing or unreadable image, empty text) are skipped and counted.
+  classifier-free guidance. Bad rows (missing or unreadable image, empty text, or a sequence longer than the
+  language model's positions) are skipped and counted.
 - `PiscesCollator` builds the sequences of DESIGN.md section 1 with the processor: conversations through its chat
   template (labels on the tokens its `{% generation %}` blocks mark), the generation sequence
   `prompt <boi> <gen>*m <eoi>`, and `pixel_values` / `gen_pixel_values`.
@@ -22,6 +23,7 @@ import torch
 from transformers.utils import logging
 from transformers.utils.chat_template_utils import render_jinja_template
 
+from pisces.processing import SequenceTooLongError
 from pisces.processing.processing_pisces import to_rgb_image
 
 
@@ -101,9 +103,9 @@ class PiscesTrainingDataset(torch.utils.data.Dataset):
     a resumed run and a multi-process run see exactly the samples of an uninterrupted single-process run; a row keeps
     its direction from one epoch to the next.
 
-    A bad row (missing or unreadable image, empty text for its direction) is replaced by the next good row, and the
-    sample says so (`SKIPPED_ROWS_KEY` = 1) so that the trainer counts it in its log, even from dataloader workers:
-    an epoch counts each bad row once.
+    A bad row (missing or unreadable image, empty text for its direction, or, given `fits`, a sequence that does not
+    fit) is replaced by the next good row, and the sample says so (`SKIPPED_ROWS_KEY` = 1) so that the trainer counts
+    it in its log, even from dataloader workers: an epoch counts each bad row once.
 
     Args:
         rows: any indexable of dicts: a `datasets.Dataset`, `load_image_folder(...)`, a list.
@@ -113,6 +115,8 @@ class PiscesTrainingDataset(torch.utils.data.Dataset):
         generation_ratio: fraction of rows used as generation samples (text -> image).
         caption_dropout: probability that a generation sample's caption is replaced by the empty prompt.
         seed: seeds the directions and the dropout.
+        fits: optional `fits(sample) -> bool`, e.g. `PiscesCollator.fits`: whether the sample's sequence fits in the
+            language model's positions; a sample that does not is skipped as a bad row.
 
     Returns samples `{"task", "image" (RGB PIL), "text", "question", "answer", SKIPPED_ROWS_KEY}`.
     """
@@ -127,6 +131,7 @@ class PiscesTrainingDataset(torch.utils.data.Dataset):
         generation_ratio: float = 0.5,
         caption_dropout: float = 0.1,
         seed: int = 0,
+        fits=None,
     ):
         for name, value in (("generation_ratio", generation_ratio), ("caption_dropout", caption_dropout)):
             if not 0.0 <= value <= 1.0:
@@ -144,6 +149,7 @@ class PiscesTrainingDataset(torch.utils.data.Dataset):
         self.generation_ratio = generation_ratio
         self.caption_dropout = caption_dropout
         self.seed = seed
+        self.fits = fits
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -169,7 +175,11 @@ class PiscesTrainingDataset(torch.utils.data.Dataset):
             return None
         if task == "generation" and dropped:
             text = ""
-        return {"task": task, "image": image, "text": text, "question": question, "answer": answer}
+        sample = {"task": task, "image": image, "text": text, "question": question, "answer": answer}
+        if self.fits is not None and not self.fits(sample):
+            logger.warning(f"Skipping row {index}: its {task} sequence is longer than the language model's positions.")
+            return None
+        return sample
 
     def __getitem__(self, index: int) -> dict:
         for offset in range(len(self.rows)):
@@ -178,7 +188,10 @@ class PiscesTrainingDataset(torch.utils.data.Dataset):
                 # Row `index` itself was bad or not; the bad rows passed over count when they are asked for.
                 sample[SKIPPED_ROWS_KEY] = int(offset > 0)
                 return sample
-        raise ValueError("Every row of the training data is bad (missing or unreadable images, or empty texts).")
+        raise ValueError(
+            "Every row of the training data is bad (missing or unreadable images, empty texts, or sequences longer "
+            "than the language model's positions)."
+        )
 
 
 def load_row_image(image, index: int):
@@ -226,6 +239,10 @@ class PiscesCollator:
             the assistant's turns with `{% generation %}` ... `{% endgeneration %}`, as Pisces' templates do.
         caption_prompt: the instruction of caption samples.
         max_length: optional truncation length; a sample whose placeholders would be cut raises.
+        max_sequence_length: the language model's positions (default: `processor.max_sequence_length`, which a
+            checkpoint's processor reads from its config); without `max_length`, a sample longer is dropped from the
+            batch and counted in `SKIPPED_ROWS_KEY`, never truncated (that could cut an image's placeholders or the
+            answer's end). Pass `fits` to `PiscesTrainingDataset` to replace such rows by the next one that fits.
         report_skipped: add `SKIPPED_ROWS_KEY` (the number of bad rows skipped) to the batch; `PiscesTrainer` pops
             it. Turn it off to use the batches with a stock `Trainer` or a plain loop.
 
@@ -234,7 +251,7 @@ class PiscesCollator:
     """
 
     def __init__(self, processor, caption_prompt: str = DEFAULT_CAPTION_PROMPT, max_length: int | None = None,
-                 report_skipped: bool = True):
+                 report_skipped: bool = True, max_sequence_length: int | None = None):
         template = getattr(processor, "chat_template", None)
         if not isinstance(template, str) or not _GENERATION_BLOCK.search(template):
             raise ValueError(
@@ -247,6 +264,46 @@ class PiscesCollator:
         self.caption_prompt = caption_prompt
         self.max_length = max_length
         self.report_skipped = report_skipped
+        self.max_sequence_length = (
+            max_sequence_length if max_sequence_length is not None else getattr(processor, "max_sequence_length", None)
+        )
+
+    def sequence_length(self, sample: dict) -> int:
+        """The number of tokens of `sample`'s training sequence (placeholders expanded), from its text alone."""
+        processor = self.processor
+        if sample["task"] == "generation":
+            text = processor.format_generation_sequence(sample["text"])
+        else:
+            question, answer = self._question_and_answer(sample)
+            (text,), _ = self._render_conversation(question, answer)
+        bos = processor.tokenizer.bos_token
+        add_special_tokens = not (bos is not None and text.startswith(bos))
+        length = len(processor.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+        expanded = (processor.num_image_tokens - 1) * text.count(processor.image_token)
+        return length + expanded + (processor.num_gen_tokens - 1) * text.count(processor.gen_token)
+
+    def fits(self, sample: dict) -> bool:
+        """Whether `sample` fits in `max_sequence_length` (always, when truncating to `max_length` or unknown)."""
+        if self.max_length is not None or self.max_sequence_length is None:
+            return True
+        return self.sequence_length(sample) <= self.max_sequence_length
+
+    def _question_and_answer(self, sample: dict) -> tuple[str, str]:
+        if sample["task"] == "caption":
+            return self.caption_prompt, sample["text"]
+        return sample["question"], sample["answer"]
+
+    def _render_conversation(self, question: str, answer: str):
+        messages = [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]},
+            {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+        ]
+        return render_jinja_template(
+            conversations=[messages],
+            chat_template=self.processor.chat_template,
+            return_assistant_tokens_mask=True,
+            **self.processor.tokenizer.special_tokens_map,
+        )
 
     def _processor_kwargs(self) -> dict:
         if self.max_length is None:
@@ -261,16 +318,7 @@ class PiscesCollator:
         writes `"A: "` before its generation block), so the spans are matched here, the same way on every version.
         """
         processor = self.processor
-        messages = [
-            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]},
-            {"role": "assistant", "content": [{"type": "text", "text": answer}]},
-        ]
-        (text,), (spans,) = render_jinja_template(
-            conversations=[messages],
-            chat_template=processor.chat_template,
-            return_assistant_tokens_mask=True,
-            **processor.tokenizer.special_tokens_map,
-        )
+        (text,), (spans,) = self._render_conversation(question, answer)
         bos = processor.tokenizer.bos_token
         encoded = processor(
             text=[text],
@@ -308,19 +356,36 @@ class PiscesCollator:
         return encoded, torch.where(input_ids == processor.eoi_token_id, input_ids, -100)
 
     def __call__(self, samples: list[dict]) -> dict:
-        rows, pixel_values, gen_pixel_values = [], [], []
+        rows, pixel_values, gen_pixel_values, too_long = [], [], [], 0
         for sample in samples:
+            # Checked on the text first, so that a row too long costs no image processing.
+            if not self.fits(sample):
+                too_long += 1
+                continue
+            try:
+                if sample["task"] == "generation":
+                    encoded, labels = self._generation_row(sample["image"], sample["text"])
+                else:
+                    encoded, labels = self._understanding_row(sample["image"], *self._question_and_answer(sample))
+            except SequenceTooLongError:  # the processor's own limit, where it differs from this one
+                too_long += 1
+                continue
             if sample["task"] == "generation":
-                encoded, labels = self._generation_row(sample["image"], sample["text"])
                 gen_pixel_values.append(encoded["gen_pixel_values"])
             else:
-                question, answer = (
-                    (self.caption_prompt, sample["text"]) if sample["task"] == "caption"
-                    else (sample["question"], sample["answer"])
-                )
-                encoded, labels = self._understanding_row(sample["image"], question, answer)
                 pixel_values.append(encoded["pixel_values"])
             rows.append((encoded["input_ids"][0], encoded["attention_mask"][0], labels))
+        if too_long:
+            logger.warning(
+                f"Skipped {too_long} sample(s) of this batch longer than the language model's "
+                f"{self.max_sequence_length} positions."
+            )
+        if not rows:
+            raise ValueError(
+                f"Every sample of this batch is longer than the language model's {self.max_sequence_length} positions. "
+                "Shorten the texts, or pass `fits=collator.fits` to PiscesTrainingDataset so that such rows are "
+                "replaced by the next row that fits."
+            )
 
         tokenizer = self.processor.tokenizer
         pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -341,7 +406,8 @@ class PiscesCollator:
             batch["gen_pixel_values"] = torch.cat(gen_pixel_values)
         batch["labels"] = labels
         if self.report_skipped:
-            batch[SKIPPED_ROWS_KEY] = torch.tensor(sum(sample.get(SKIPPED_ROWS_KEY, 0) for sample in samples))
+            skipped = sum(sample.get(SKIPPED_ROWS_KEY, 0) for sample in samples) + too_long
+            batch[SKIPPED_ROWS_KEY] = torch.tensor(skipped)
         return batch
 
 
