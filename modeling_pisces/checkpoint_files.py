@@ -37,8 +37,11 @@ class CorruptCheckpointError(OSError):
     """A checkpoint's weights file or shard index is missing, incomplete or corrupt."""
 
 
-class ConfigWeightsMismatchError(ValueError):
-    """A checkpoint's config.json describes tensors of other shapes than its weights hold."""
+class ConfigWeightsMismatchError(ValueError, RuntimeError):
+    """
+    A checkpoint's config.json describes tensors of other shapes than its weights hold. Also a `RuntimeError`, which
+    transformers raises for a size mismatch, so that code catching that still does.
+    """
 
 
 def _redownload_hint(path: Path) -> str:
