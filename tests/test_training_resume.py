@@ -241,11 +241,13 @@ def test_a_half_written_checkpoint_is_never_picked_up(tmp_path):
 # ---- decoder training -------------------------------------------------------------------------------------------
 
 
-def test_train_decoder_killed_while_saving_resumes_with_the_uninterrupted_losses(image_folder, tiny_checkpoint, tmp_path):
+def test_train_decoder_killed_while_saving_resumes_with_the_uninterrupted_losses(
+    image_folder, tiny_checkpoint, tmp_path
+):
     """
     2 images a micro-batch, 2 micro-batches a step, 4 a pass over the 8 images: the checkpoint of step 3 is halfway
     through the second epoch, so resuming from it restores the data order and skips what was done of that epoch.
-    Killed while writing the checkpoint of step 5 (its decoder written, its training state not), the run resumes
+    Killed while writing the checkpoint of step 4 (its decoder written, its training state not), the run resumes
     from step 3.
     """
     from safetensors.torch import load_file
@@ -255,7 +257,7 @@ def test_train_decoder_killed_while_saving_resumes_with_the_uninterrupted_losses
     from pisces.training.data import load_image_folder
     from pisces.training.decoder_training import train_decoder
 
-    settings = dict(max_steps=5, batch_size=2, gradient_accumulation_steps=2, ema_decay=0.9, logging_steps=1,
+    settings = dict(max_steps=4, batch_size=2, gradient_accumulation_steps=2, ema_decay=0.9, logging_steps=1,
                     save_steps=3)
 
     def run(out, **resume):
@@ -264,25 +266,25 @@ def test_train_decoder_killed_while_saving_resumes_with_the_uninterrupted_losses
         return losses, pipe.decoder.state_dict()
 
     straight_losses, straight_weights = run(tmp_path / "straight")
-    assert [path.name for path in checkpoint_folders(tmp_path / "straight")] == ["checkpoint-3", "checkpoint-5"]
+    assert [path.name for path in checkpoint_folders(tmp_path / "straight")] == ["checkpoint-3", "checkpoint-4"]
 
     out = tmp_path / "killed"
     run_killed(
-        tmp_path, "decoder-saving", 5,
+        tmp_path, "decoder-saving", 4,
         [str(tiny_checkpoint), str(image_folder), json.dumps(dict(settings, output_dir=str(out)))],
     )
     assert last_complete_checkpoint(out).name == "checkpoint-3"
-    assert [path.name for path in checkpoint_folders(out)] == ["checkpoint-3"]  # the half-written 5 has no name
+    assert [path.name for path in checkpoint_folders(out)] == ["checkpoint-3"]  # the half-written 4 has no name
 
     resumed_losses, resumed_weights = run(out, resume_from_checkpoint=True)
-    assert len(resumed_losses) == 5
+    assert len(resumed_losses) == 4
     assert resumed_losses == pytest.approx(straight_losses, rel=1e-5, abs=1e-6)
     for name, value in straight_weights.items():  # the EMA weights, put in the decoder at the end
         torch.testing.assert_close(resumed_weights[name], value, rtol=1e-4, atol=1e-6, msg=name)
-    saved = json.loads((out / "checkpoint-5" / "trainer_state.json").read_text())
+    saved = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())
     assert saved["losses"] == pytest.approx(straight_losses, rel=1e-5, abs=1e-6)
-    assert sorted(path.name for path in out.iterdir()) == ["checkpoint-3", "checkpoint-5"]
-    assert load_file(out / "checkpoint-5" / "decoder" / "diffusion_pytorch_model.safetensors").keys() == (
+    assert sorted(path.name for path in out.iterdir()) == ["checkpoint-3", "checkpoint-4"]
+    assert load_file(out / "checkpoint-4" / "decoder" / "diffusion_pytorch_model.safetensors").keys() == (
         straight_weights.keys()
     )
 
