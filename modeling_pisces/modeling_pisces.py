@@ -6,6 +6,7 @@ Generation: image -> gen_vision_tower (frozen) -> average pool -> m targets. The
 target i+1 from the hidden state at `<gen>`_i (target 1 from `<boi>`) with an MSE loss.
 """
 
+import contextlib
 import functools
 import inspect
 from dataclasses import dataclass
@@ -705,7 +706,7 @@ class PiscesForConditionalGeneration(PiscesPreTrainedModel, GenerationMixin):
         `generation_config.disable_compile=True` keeps it eager). The prompt (prefill) always runs eagerly. The
         compiled step is reused across calls without recompiling as long as the batch size stays the same: the cache
         is `generation_config.max_cache_len` long when set, otherwise the prompt plus `num_gen_tokens` rounded up to a
-        multiple of 256 (and never shorter than this model's last cache at that batch size), so prompts of different
+        multiple of 128 (and never shorter than this model's last cache at that batch size), so prompts of different
         lengths share one cache, one attention-mask shape and one graph. The first call at a new batch size, with
         guidance switched on or off, or a prompt past the cache's length compiles once more.
 
@@ -854,13 +855,17 @@ class PiscesForConditionalGeneration(PiscesPreTrainedModel, GenerationMixin):
         step = self._image_decode_step if compile_config is None else state.compiled(
             self._image_decode_step, compile_config
         )
-        for _ in range(num_gen_tokens - 1):
+        for index in range(num_gen_tokens - 1):
             positions = positions + 1
-            if compile_config is not None:
+            if compile_config is None:
+                prediction, next_embeds = step(next_embeds, positions, full_mask, cache, scale, **kwargs)
+            else:
                 # A captured CUDA graph overwrites its outputs on the next replay: what is kept is copied first.
                 torch.compiler.cudagraph_mark_step_begin()
-            prediction, next_embeds = step(next_embeds, positions, full_mask, cache, scale, **kwargs)
-            if compile_config is not None:
+                # The first step checks the compiled graph's guards; the later ones see the same tensors, shapes and
+                # modules (only values change), so re-checking them, a few ms a step for a whole model, is skipped.
+                with contextlib.nullcontext() if index == 0 else torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+                    prediction, next_embeds = step(next_embeds, positions, full_mask, cache, scale, **kwargs)
                 prediction, next_embeds = prediction.clone(), next_embeds.clone()
             predictions.append(prediction)
         return torch.stack(predictions, dim=1)
