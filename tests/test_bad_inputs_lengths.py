@@ -130,3 +130,17 @@ def test_the_dataset_replaces_a_row_too_long_and_counts_it(tiny_processor):
     assert collator([first])[SKIPPED_ROWS_KEY].item() == 1
     unchecked = PiscesTrainingDataset(rows, generation_ratio=1.0, caption_dropout=0.0)
     assert unchecked[0]["text"] == LONG_PROMPT
+
+
+def test_the_trainer_replaces_rows_too_long(tiny_checkpoint, tiny_processor, tmp_path):
+    from transformers import TrainingArguments
+
+    from pisces import PiscesForConditionalGeneration
+    from pisces.training import build_trainer
+
+    model = PiscesForConditionalGeneration.from_pretrained(tiny_checkpoint)
+    rows = [{"image": _image(), "text": LONG_PROMPT}, {"image": _image(), "text": "a red circle"}]
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", remove_unused_columns=False)
+    trainer = build_trainer(model, tiny_processor, rows, args, generation_ratio=1.0, caption_dropout=0.0)
+    first = trainer.train_dataset[0]
+    assert first["text"] == "a red circle" and first[SKIPPED_ROWS_KEY] == 1

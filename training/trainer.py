@@ -207,15 +207,18 @@ def build_trainer(
     """
     if stage is not None:
         apply_stage(model, stage, trainable)
-    dataset = PiscesTrainingDataset(
-        rows, generation_ratio=generation_ratio, caption_dropout=caption_dropout, seed=data_seed, **dataset_kwargs
-    )
     collator_kwargs = {} if caption_prompt is None else {"caption_prompt": caption_prompt}
+    collator = PiscesCollator(processor, **collator_kwargs)
+    # A row too long for the model is replaced by the next one that fits, and counted with the bad rows.
+    dataset = PiscesTrainingDataset(
+        rows, generation_ratio=generation_ratio, caption_dropout=caption_dropout, seed=data_seed,
+        fits=collator.fits, **dataset_kwargs
+    )
     return PiscesTrainer(
         model=model,
         args=args,
         train_dataset=dataset,
-        data_collator=PiscesCollator(processor, **collator_kwargs),
+        data_collator=collator,
         processing_class=processor,
         callbacks=callbacks,
     )
