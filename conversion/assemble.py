@@ -3,7 +3,7 @@
 `assemble_checkpoint(llm=..., und_encoder=..., gen_encoder=..., out_dir=...)` (the `pisces convert assemble` command)
 takes a pretrained causal LM with its tokenizer (Llama-3.x as in the paper, Qwen2, ...), a SigLIP checkpoint for
 understanding, a CLIP or SigLIP checkpoint for generation and, optionally, a diffusers decoder, VAE and scheduler, and
-writes one checkpoint folder that every entry point of the package loads (DESIGN.md section 3), ready for the
+writes one checkpoint folder that every entry point of the package loads, ready for the
 `align` stage:
 
 - the tokenizer gains `<image>`, `<boi>`, `<eoi>` and `<gen>`; the embeddings and `lm_head` grow to match, the new
@@ -476,7 +476,7 @@ def _image_processor(folder: Path, vision_config, role: str):
     settings_file = folder / "preprocessor_config.json"
     if settings_file.is_file():
         # The PIL-backend class named by the file, loaded directly: AutoImageProcessor picks (and in some transformers
-        # versions requires) torchvision, and pixel values must not depend on what is installed (DESIGN.md section 4).
+        # versions requires) torchvision, and pixel values must not depend on what is installed.
         name = str(json.loads(settings_file.read_text()).get("image_processor_type", ""))
         base = name.removesuffix("Fast").removesuffix("Pil")
         processor_class = getattr(transformers, base + "Pil", None)

@@ -1,7 +1,7 @@
 """`PiscesPipeline`: text (or an image) -> the LLM's generation vectors -> a diffusers denoiser -> pixels.
 
 The pipeline follows diffusers' Stable Diffusion XL pipeline: `check_inputs`, `encode_prompt`, `prepare_latents` and a
-denoising loop in `__call__`. Its checkpoint is one folder shared with transformers (DESIGN.md section 3): the LLM and
+denoising loop in `__call__`. Its checkpoint is one folder shared with transformers: the LLM and
 the processor at the root, where `AutoModel` and `AutoProcessor` find them, and `model_index.json`, `decoder/`,
 `vae/` and `scheduler/` beside them.
 """

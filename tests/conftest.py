@@ -31,6 +31,23 @@ def tiny_processor(tiny_checkpoint):
     return PiscesProcessor.from_pretrained(tiny_checkpoint)
 
 
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory):
+    """8 image-caption pairs of the shapes world, in the `datasets` imagefolder convention (read-only: copy to change)."""
+    import json
+
+    from pisces.shapes.world import sample_scene, short_caption
+
+    root = tmp_path_factory.mktemp("pairs")
+    lines = []
+    for index in range(8):
+        scene = sample_scene(index)
+        scene.render().save(root / f"{index}.png")
+        lines.append(json.dumps({"file_name": f"{index}.png", "text": short_caption(scene)}))
+    (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
 def generation_batch(config, prompt_ids=(11, 12, 13), num_images=1, seed=0):
     """A teacher-forced generation batch `prompt <boi> <gen>*m <eoi>` with labels on <eoi> only, and its images."""
     generator = torch.Generator().manual_seed(seed)

@@ -7,7 +7,6 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
 
 import pisces_cli.commands as cli
 
@@ -26,21 +25,6 @@ def last_error_line(result) -> str:
     return result.stderr.strip().splitlines()[-1]
 
 
-@pytest.fixture(scope="module")
-def image_folder(tmp_path_factory):
-    """8 image-caption pairs of the shapes world, in the `datasets` imagefolder convention."""
-    from pisces.shapes.world import sample_scene, short_caption
-
-    root = tmp_path_factory.mktemp("pairs")
-    lines = []
-    for index in range(8):
-        scene = sample_scene(index)
-        scene.render().save(root / f"{index}.png")
-        lines.append(json.dumps({"file_name": f"{index}.png", "text": short_caption(scene)}))
-    (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
-    return root
-
-
 def train_argv(checkpoint, data, out, *extra):
     return [
         "train", "--model", str(checkpoint), "--data", str(data), "--out", str(out), "--batch-size", "4",
@@ -52,6 +36,7 @@ def old_run(folder: Path) -> Path:
     """A folder holding another run: a checkpoint and the model beside it."""
     (folder / "checkpoint-9").mkdir(parents=True)
     (folder / "checkpoint-9" / "config.json").write_text("{}")
+    (folder / "checkpoint-9" / "trainer_state.json").write_text(json.dumps({"global_step": 9, "log_history": []}))
     (folder / "notes.txt").write_text("an old run")
     return folder
 

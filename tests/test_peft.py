@@ -8,21 +8,6 @@ import pytest
 import torch
 
 
-@pytest.fixture(scope="module")
-def image_folder(tmp_path_factory):
-    """8 image-caption pairs of the shapes world, in the `datasets` imagefolder convention."""
-    from pisces.shapes.world import sample_scene, short_caption
-
-    root = tmp_path_factory.mktemp("pairs")
-    lines = []
-    for index in range(8):
-        scene = sample_scene(index)
-        scene.render().save(root / f"{index}.png")
-        lines.append(json.dumps({"file_name": f"{index}.png", "text": short_caption(scene)}))
-    (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
-    return root
-
-
 def fresh_model(checkpoint):
     from pisces import PiscesForConditionalGeneration
 

@@ -9,21 +9,6 @@ import torch
 
 
 @pytest.fixture(scope="module")
-def image_folder(tmp_path_factory):
-    """8 image-caption pairs of the shapes world, in the `datasets` imagefolder convention."""
-    from pisces.shapes.world import sample_scene, short_caption
-
-    root = tmp_path_factory.mktemp("pairs")
-    lines = []
-    for index in range(8):
-        scene = sample_scene(index)
-        scene.render().save(root / f"{index}.png")
-        lines.append(json.dumps({"file_name": f"{index}.png", "text": short_caption(scene)}))
-    (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
-    return root
-
-
-@pytest.fixture(scope="module")
 def processor(tiny_checkpoint):
     from pisces import PiscesProcessor
 

@@ -7,7 +7,7 @@
   question -> answer) or generation (text -> image vectors, MSE), with caption dropout on generation samples for
   classifier-free guidance. Bad rows (missing or unreadable image, empty text, or a sequence longer than the
   language model's positions) are skipped and counted.
-- `PiscesCollator` builds the sequences of DESIGN.md section 1 with the processor: conversations through its chat
+- `PiscesCollator` builds the training sequences with the processor: conversations through its chat
   template (labels on the tokens its `{% generation %}` blocks mark), the generation sequence
   `prompt <boi> <gen>*m <eoi>`, and `pixel_values` / `gen_pixel_values`.
 """

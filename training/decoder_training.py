@@ -1,6 +1,6 @@
 """Training the diffusion decoder: reconstruct images from the frozen generation encoder's pooled vectors.
 
-The decoder is an autoencoder's second half (DESIGN.md section 1): image -> frozen gen encoder -> m pooled vectors ->
+The decoder is an autoencoder's second half: image -> frozen gen encoder -> m pooled vectors ->
 denoiser -> image. It never sees the LLM, so it trains on images alone. The loss follows the pipeline's scheduler:
 epsilon or v-prediction (or sample) for DDPM-family schedulers, velocity `noise - x0` for flow matching; in the VAE's
 latents when the pipeline has a VAE, in pixels otherwise. Built on accelerate (so it runs unchanged under

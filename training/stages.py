@@ -1,6 +1,6 @@
 """Stage presets: which parameters of a `PiscesForConditionalGeneration` train in each stage.
 
-The paper trains in three stages (DESIGN.md section 1): pretraining on image + short caption in both directions,
+The paper trains in three stages: pretraining on image + short caption in both directions,
 fine-grained pretraining on image + detailed caption, then instruction tuning. Both encoders and the diffusion decoder
 stay frozen by default (the generation encoder is built frozen; only a `custom` pattern that names it trains it); what
 trains is a preset, a list of module name patterns:
