@@ -2,11 +2,10 @@
 saved as JSON."""
 
 import json
-import os
 import sys
-from pathlib import Path
 
 from .commands import _load_pipeline, _model_folder, _require_at_least_one
+from .output_files import write_text_atomically
 
 
 class PromptProgress:
@@ -37,21 +36,6 @@ class PromptProgress:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
-
-
-def write_json_atomically(path: str | Path, data) -> None:
-    """Writes `data` as JSON under a temporary name beside `path`, then renames it: a killed run leaves no half file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.partial")
-    try:
-        with open(temporary, "w") as file:
-            json.dump(data, file, indent=2)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 def report_lines(result: dict) -> list[str]:
@@ -107,5 +91,5 @@ def eval_shapes(args) -> None:
         progress.close()
     print("\n".join(report_lines(result)))
     if args.json:
-        write_json_atomically(args.json, result)
+        write_text_atomically(args.json, json.dumps(result, indent=2))
         print(f"wrote {args.json}")

@@ -62,17 +62,18 @@ def test_eval_shapes_shows_a_bar_on_a_terminal(capsys):
     assert "3/3" in err and "prompt" in err and "[1/3]" not in err
 
 
-def test_a_json_write_that_fails_leaves_the_old_file(tmp_path, monkeypatch):
+def test_a_json_write_that_fails_leaves_the_old_file(tmp_path):
+    from pisces_cli.output_files import write_file_atomically, write_text_atomically
+
     out = tmp_path / "shapes.json"
-    eval_shapes.write_json_atomically(out, {"overall": 0.5})
+    write_text_atomically(out, json.dumps({"overall": 0.5}))
     assert json.loads(out.read_text()) == {"overall": 0.5}
 
-    def fail(data, file, **kwargs):
-        file.write('{"overall": ')  # a half-written file, then the run dies
+    def fail(file):
+        file.write(b'{"overall": ')  # a half-written file, then the run dies
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(eval_shapes.json, "dump", fail)
     with pytest.raises(KeyboardInterrupt):
-        eval_shapes.write_json_atomically(out, {"overall": 0.9})
+        write_file_atomically(out, fail)
     assert json.loads(out.read_text()) == {"overall": 0.5}
     assert [path.name for path in tmp_path.iterdir()] == ["shapes.json"]
