@@ -24,6 +24,16 @@ def tiny_model(tiny_checkpoint):
     return PiscesForConditionalGeneration.from_pretrained(tiny_checkpoint).eval()
 
 
+@pytest.fixture
+def pipe(tiny_checkpoint):
+    """A fresh `PiscesPipeline` of the tiny checkpoint, progress bar off (each test may change it freely)."""
+    from pisces import PiscesPipeline
+
+    pipe = PiscesPipeline.from_pretrained(tiny_checkpoint)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 @pytest.fixture(scope="session")
 def tiny_processor(tiny_checkpoint):
     from pisces import PiscesProcessor

@@ -22,13 +22,6 @@ from pisces.conversion.decoder_presets import build_decoder
 STEPS = 2
 
 
-@pytest.fixture
-def pipe(tiny_checkpoint):
-    pipe = PiscesPipeline.from_pretrained(tiny_checkpoint)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def seeded(seed):
     return torch.Generator().manual_seed(seed)
 

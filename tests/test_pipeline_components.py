@@ -13,13 +13,6 @@ from pisces import PiscesPipeline
 STEPS = 2
 
 
-@pytest.fixture
-def pipe(tiny_checkpoint):
-    pipe = PiscesPipeline.from_pretrained(tiny_checkpoint)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def draw(pipe, **kwargs):
     pipe.set_progress_bar_config(disable=True)
     kwargs.setdefault("prompt", "a red circle")

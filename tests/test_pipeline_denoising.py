@@ -11,17 +11,8 @@ import torch
 from diffusers import DDIMScheduler, EulerDiscreteScheduler, HeunDiscreteScheduler
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 
-from pisces import PiscesPipeline
-
 
 STEPS = 2
-
-
-@pytest.fixture
-def pipe(tiny_checkpoint):
-    pipe = PiscesPipeline.from_pretrained(tiny_checkpoint)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def draw(pipe, **kwargs):

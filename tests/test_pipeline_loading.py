@@ -18,13 +18,6 @@ STEPS = 2
 OLD_MODEL_INDEX_LIBRARIES = {"model": "pisces.modeling_pisces", "processor": "pisces.processing.processing_pisces"}
 
 
-@pytest.fixture
-def pipe(tiny_checkpoint):
-    pipe = PiscesPipeline.from_pretrained(tiny_checkpoint)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def draw(pipe, **kwargs):
     pipe.set_progress_bar_config(disable=True)
     kwargs.setdefault("prompt", "a red circle")
