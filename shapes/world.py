@@ -284,12 +284,15 @@ def generation_objects(named: list[tuple[str | None, str]], relation_word: str |
     ]
 
 
-def sample_generation(seed: int, split: str = "train") -> tuple[str, list[ShapeObject]]:
+def sample_generation(seed: int, split: str = "train", colour_share: float = 0.6) -> tuple[str, list[ShapeObject]]:
     """
     A text-to-image training pair of the seed: a prompt in ShapeEval's grammar ("a circle", "a red circle", "a circle
     above a blue square", "a red circle and a green diamond", "three squares", "two purple triangles") and the objects
-    of its picture (`generation_objects`). `split="train"` never names a held-out colour-shape pair.
+    of its picture (`generation_objects`). Each object phrase names its colour with probability `colour_share`.
+    `split="train"` never names a held-out colour-shape pair.
     """
+    if not 0.0 <= colour_share <= 1.0:
+        raise ValueError(f"colour_share is a probability, got {colour_share}.")
     if split not in SPLITS:
         raise ValueError(f"Unknown split {split!r}; choose one of {', '.join(SPLITS)}.")
     rng = random.Random(f"generation-{split}-{seed}")
@@ -297,7 +300,7 @@ def sample_generation(seed: int, split: str = "train") -> tuple[str, list[ShapeO
 
     def named_object() -> tuple[str | None, str]:
         colour, shape = rng.choice(pairs)
-        return (colour if rng.random() < 0.6 else None), shape
+        return (colour if rng.random() < colour_share else None), shape
 
     kind = rng.choices(["single", "relation", "list", "count"], weights=[2, 3, 3, 2])[0]
     if kind == "count":

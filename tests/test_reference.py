@@ -289,3 +289,60 @@ def test_reference_budget_names_only_known_understanding_tasks():
         with pytest.raises(IndexError):
             rows[8]  # without it, `for row in rows` would never end
         assert [bool(row["answer"]) for row in rows] == [True] * 8, stage.name
+
+
+def test_components_from_a_finished_model_take_its_encoders_vae_and_decoder_and_train_the_llm_from_nothing(tmp_path):
+    quiet = dict(budget=MICRO, evaluate=False, log=lambda message: None)
+    donor_folder = train_reference(tmp_path / "donor", **quiet)
+    taken = train_reference(tmp_path / "taken", components_from=donor_folder, **quiet)
+    donor, weights = _weights(donor_folder), _weights(taken)
+    encoders = [name for name in donor if "vision_tower" in name]
+    assert encoders and all(torch.equal(donor[name], weights[name]) for name in encoders)
+    # The LLM starts untrained, so with the same seed it trains to the donor's weights exactly; started from the
+    # donor's trained LLM, the stages would have moved it further.
+    llm = [name for name in donor if "language_model" in name]
+    assert llm and all(torch.equal(donor[name], weights[name]) for name in llm)
+    for part in ("decoder", "vae"):
+        donor_part = load_file(donor_folder / part / "diffusion_pytorch_model.safetensors")
+        taken_part = load_file(taken / part / "diffusion_pytorch_model.safetensors")
+        assert all(torch.equal(donor_part[name], taken_part[name]) for name in donor_part)
+
+
+def test_generation_rows_name_colours_as_often_as_asked_and_paraphrase_keeps_the_picture():
+    from pisces.shapes import render_objects, sample_generation
+
+    assert [sample_generation(seed) for seed in range(50)] == [
+        sample_generation(seed, colour_share=0.6) for seed in range(50)
+    ]
+    every = [sample_generation(seed, colour_share=1.0)[1] for seed in range(50)]
+    named = [sample_generation(seed, colour_share=1.0)[0] for seed in range(50)]
+    assert all(any(colour in prompt for colour in COLOURS) for prompt in named)
+    assert all(len(objects) >= 1 for objects in every)
+    with pytest.raises(ValueError, match="probability"):
+        sample_generation(0, colour_share=1.5)
+
+    canonical = reference.ShapesRows(40, "generation", seed=3)
+    reworded = reference.ShapesRows(40, "generation", seed=3, paraphrase_share=1.0)
+    for index in range(40):
+        assert reworded[index]["text"] != canonical[index]["text"]
+        assert reworded[index]["image"].tobytes() == canonical[index]["image"].tobytes()
+
+    tasks = (("question", 1.0),)
+    plain = reference.ShapesRows(40, "understanding", tasks, seed=4)
+    asked = reference.ShapesRows(40, "understanding", tasks, seed=4, paraphrase_share=1.0)
+    changed = 0
+    for index in range(40):
+        assert asked[index]["answer"] == plain[index]["answer"]
+        changed += asked[index]["question"] != plain[index]["question"]
+    assert changed >= 30  # a paraphrase may draw the canonical wording back only by chance
+    assert render_objects([]).size == (IMAGE_SIZE, IMAGE_SIZE)
+
+
+def test_the_default_recipe_keeps_the_shipped_tokenizer_corpus():
+    # The wording knobs off, the tokenizer trains on exactly the world's own text, so the recipe still rebuilds the
+    # shipped model; with paraphrases it also learns the reworded text.
+    assert reference.REFERENCE_BUDGET.paraphrase_share == 0.0
+    plain, reworded = reference.corpus(200), reference.corpus(200, paraphrases=True)
+    assert set(plain) < set(reworded)
+    assert any("colored" in text or "color " in text for text in reworded)
+    assert not any("colored" in text for text in plain)
