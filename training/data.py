@@ -108,7 +108,9 @@ class PiscesTrainingDataset(torch.utils.data.Dataset):
     it in its log, even from dataloader workers: an epoch counts each bad row once.
 
     Args:
-        rows: any indexable of dicts: a `datasets.Dataset`, `load_image_folder(...)`, a list.
+        rows: any indexable of dicts: a `datasets.Dataset`, `load_image_folder(...)`, a list; or a stream
+            (`pisces.training.streaming_rows(...)`, a `datasets.IterableDataset`), for which this returns a
+            `StreamingTrainingDataset` with the same arguments.
         image_column, text_column: the keys of the image (PIL image, array, path, or a `datasets` image dict with
             `path` / `bytes`) and of the caption.
         question_column, answer_column: the keys of an optional question and answer.
@@ -120,6 +122,14 @@ class PiscesTrainingDataset(torch.utils.data.Dataset):
 
     Returns samples `{"task", "image" (RGB PIL), "text", "question", "answer", SKIPPED_ROWS_KEY}`.
     """
+
+    def __new__(cls, rows, *args, **kwargs):
+        # A stream (WebDataset shards, a `datasets.IterableDataset`) has no length: it is read by iterating.
+        from .streaming import StreamingTrainingDataset, is_stream
+
+        if cls is PiscesTrainingDataset and is_stream(rows):
+            return StreamingTrainingDataset(rows, *args, **kwargs)
+        return super().__new__(cls)
 
     def __init__(
         self,

@@ -39,6 +39,7 @@ from .checkpoints import (
     staging_folder,
 )
 from .data import load_row_image
+from .streaming import StreamingDecoderImages, is_stream
 
 
 logger = logging.get_logger(__name__)
@@ -138,7 +139,10 @@ def train_decoder(
 
     Args:
         pipe ([`PiscesPipeline`]): model (only its gen encoder runs), processor, decoder, scheduler and VAE.
-        rows: image rows: a `datasets.Dataset`, `load_image_folder(...)`, a list of dicts.
+        rows: image rows: a `datasets.Dataset`, `load_image_folder(...)`, a list of dicts; or a stream
+            (`pisces.training.streaming_rows(...)`: WebDataset shards, a `datasets.IterableDataset`), which each
+            process reads its own part of, repeated as needed, and which a resumed run skips the consumed samples of
+            (`global_step * batch_size * gradient_accumulation_steps` per process).
         max_steps: optimizer steps.
         batch_size: images per process and micro-batch.
         learning_rate: AdamW learning rate (constant after a warm-up of 5% of the steps).
@@ -186,24 +190,35 @@ def train_decoder(
     prediction_type = None if flow else noise_scheduler.config.prediction_type
     num_train_timesteps = noise_scheduler.config.num_train_timesteps
 
-    dataset = DecoderImages(rows, pipe, image_column)
+    streaming = is_stream(rows)
     # The data order: drawn from this generator at the start of each epoch, so its state there is the epoch's order.
     order_generator = torch.Generator().manual_seed(seed)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=True, drop_last=len(dataset) >= batch_size, num_workers=num_workers,
-        generator=order_generator,
-    )
+    if streaming:
+        # Each process reads its own part of the stream (see `pisces.training.streaming`), so the loader is not
+        # handed to accelerate, which would have one process read for all or every process read everything.
+        dataset = StreamingDecoderImages(rows, pipe, image_column, batch_size=batch_size)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
+    else:
+        dataset = DecoderImages(rows, pipe, image_column)
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=batch_size, shuffle=True, drop_last=len(dataset) >= batch_size,
+            num_workers=num_workers, generator=order_generator,
+        )
     optimizer = torch.optim.AdamW(decoder.parameters(), lr=learning_rate, weight_decay=1e-2)
     warmup = max(1, max_steps // 20)
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
-    decoder, optimizer, loader, lr_scheduler = accelerator.prepare(decoder, optimizer, loader, lr_scheduler)
+    if streaming:
+        decoder, optimizer, lr_scheduler = accelerator.prepare(decoder, optimizer, lr_scheduler)
+    else:
+        decoder, optimizer, loader, lr_scheduler = accelerator.prepare(decoder, optimizer, loader, lr_scheduler)
     ema = EMAModel(accelerator.unwrap_model(decoder).parameters(), decay=ema_decay) if ema_decay else None
     if ema is not None:
         ema.to(device)
 
     # What a checkpoint must match to continue this run (the data position depends on all of it).
     run_settings = {
-        "rows": len(dataset),
+        "rows": "stream" if streaming else len(dataset),
+        "num_workers": num_workers if streaming else None,
         "batch_size": batch_size,
         "gradient_accumulation_steps": gradient_accumulation_steps,
         "num_processes": accelerator.num_processes,
@@ -218,9 +233,14 @@ def train_decoder(
         start_epoch, start_batch = state["epoch"], state["batches_in_epoch"]
         order_generator.set_state(state["order_generator"])
         dataset.skipped = state["skipped_rows"]
+        if streaming:
+            # A stream cannot seek: skip, without decoding them, the samples this process consumed.
+            dataset.resume(step * gradient_accumulation_steps * batch_size, batch_size)
+            start_epoch, start_batch = 0, 0
         if accelerator.is_main_process:
             print(f"decoder: resuming from {checkpoint} at step {step}", flush=True)
-    epochs = math.ceil(max_steps * gradient_accumulation_steps / max(1, len(loader)))
+    # A stream repeats by itself: one pass of the loop, until max_steps.
+    epochs = 1 if streaming else math.ceil(max_steps * gradient_accumulation_steps / max(1, len(loader)))
     for epoch in range(start_epoch, epochs):
         if step >= max_steps:
             break

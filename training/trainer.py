@@ -33,6 +33,7 @@ from .checkpoints import (
 )
 from .data import SKIPPED_ROWS_KEY, PiscesCollator, PiscesTrainingDataset
 from .stages import apply_stage
+from .streaming import StreamingTrainingDataset
 
 
 logger = logging.get_logger(__name__)
@@ -60,6 +61,22 @@ class PiscesTrainer(Trainer):
             self.args.remove_unused_columns = False
         self._metric_sums = None
         self._staging_run_dir = None
+
+    def get_train_dataloader(self) -> torch.utils.data.DataLoader:
+        """
+        A stream (`StreamingTrainingDataset`) gets a plain `DataLoader`, not one prepared by accelerate: the stream
+        already reads this process's own shards, where accelerate would read batches on the main process and dispatch
+        them (which needs equal-length batches) or keep only every world-size-th batch of each process's stream.
+        """
+        if not isinstance(self.train_dataset, StreamingTrainingDataset):
+            return super().get_train_dataloader()
+        return torch.utils.data.DataLoader(
+            self.train_dataset,
+            batch_size=self._train_batch_size,
+            collate_fn=self.data_collator,
+            num_workers=self.args.dataloader_num_workers,
+            pin_memory=self.args.dataloader_pin_memory and torch.cuda.is_available(),
+        )
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
         """
