@@ -1,17 +1,20 @@
-"""One image, end to end, on CPU: the reference model against the 2-second floor.
+"""One image, end to end, on CPU: the reference model's own sampler against DDIM at 25 steps, and its throughput.
 
 Loads a Pisces pipeline folder (by default the reference model that ships inside the package; `--model DIR` for
-another) with `PiscesPipeline.from_pretrained` and its defaults (dtype, scheduler, guidance from the model config,
-native size), and times one image for the prompt "a red circle above a blue square", split into its two parts:
+another) with `PiscesPipeline.from_pretrained` and its defaults (dtype, guidance from the model config, native size),
+and times one image for the prompt "a red circle above a blue square", split into its two parts:
 
 - **autoregressive**: `pipe.encode_prompt`: the processor and `model.generate_image_embeddings` (the generation
   vectors, with classifier-free guidance), exactly what `pipe(prompt)` runs first;
-- **decoder**: `pipe(image_embeds=...)`: the denoising loop (`--steps`, 25 by default) and the VAE decode to a PIL
-  image.
+- **decoder**: `pipe(image_embeds=...)`: the denoising loop and the VAE decode to a PIL image.
 
-One warm-up image first (which also checks that the two parts give the same picture as `pipe(prompt)` in one call),
-then the median of `--repeats` images (10 by default). The threads are torch's default.
-Run: `python benchmarks/bench_reference.py [--model DIR] [--steps 25] [--repeats 10]`.
+Two samplers, timed alternately image by image so that both see the same machine load: the checkpoint's own
+(its scheduler and `default_num_inference_steps`, or `--steps`) and the baseline, `DDIMScheduler` at 25 steps (the
+reference model's sampler before). One warm-up image of each first (which also checks that the two parts give the same
+picture as `pipe(prompt)` in one call), then the median of `--repeats` images and the ratio of the medians. Last, images
+per second of `pipe(prompts)` at batch 1, 8 and 32 (`--batch-sizes`) with the checkpoint's sampler. The threads are
+torch's default.
+Run: `python benchmarks/bench_reference.py [--model DIR] [--steps N] [--repeats 10] [--batch-sizes 1,8,32]`.
 """
 
 import argparse
@@ -24,7 +27,8 @@ import torch
 
 
 PROMPT = "a red circle above a blue square"
-FLOOR_S = 2.0
+FLOOR_S = 0.4
+BASELINE_STEPS = 25
 
 
 def millions(module) -> float:
@@ -34,14 +38,21 @@ def millions(module) -> float:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="a Pisces pipeline folder (default: the shipped reference model)")
-    parser.add_argument("--steps", type=int, default=25, help="denoising steps")
-    parser.add_argument("--repeats", type=int, default=10, help="timed images (the median is reported)")
+    parser.add_argument("--steps", type=int, help="denoising steps (default: the checkpoint's)")
+    parser.add_argument("--repeats", type=int, default=10, help="timed images per sampler (the median is reported)")
+    parser.add_argument("--batch-sizes", default="1,8,32", help="prompts per call of the throughput runs")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    if args.steps < 1 or args.repeats < 1:
+    if (args.steps is not None and args.steps < 1) or args.repeats < 1:
         parser.error("--steps and --repeats must be at least 1")
+    try:
+        batch_sizes = [int(size) for size in args.batch_sizes.split(",") if size]
+    except ValueError:
+        parser.error(f"--batch-sizes takes integers separated by commas, got {args.batch_sizes!r}")
 
     import pisces  # noqa: F401  (registers the pipeline)
+    from diffusers import DDIMScheduler
+
     from pisces import PiscesPipeline
 
     folder = args.model
@@ -59,50 +70,68 @@ def main():
     pipe.to("cpu")
     pipe.set_progress_bar_config(disable=True)
     guidance = pipe.model.config.gen_guidance_scale  # what pipe(prompt) uses by default
+    own_scheduler = pipe.scheduler
+    samplers = {
+        "checkpoint": (own_scheduler, args.steps or pipe.config.default_num_inference_steps),
+        "baseline": (DDIMScheduler.from_config(own_scheduler.config), BASELINE_STEPS),
+    }
 
     def autoregressive():
         with torch.no_grad():
             return pipe.encode_prompt(PROMPT, guidance_scale=guidance)
 
-    def decoder(image_embeds, output_type="pil"):
+    def decoder(image_embeds, steps, output_type="pil"):
         generator = torch.Generator().manual_seed(args.seed)
-        return pipe(image_embeds=image_embeds, num_inference_steps=args.steps, generator=generator,
+        return pipe(image_embeds=image_embeds, num_inference_steps=steps, generator=generator,
                     output_type=output_type).images
 
-    # Warm-up, and the check that the two timed parts are one `pipe(prompt)` call split in two.
-    whole = pipe(PROMPT, num_inference_steps=args.steps, generator=torch.Generator().manual_seed(args.seed),
-                 output_type="np").images
-    split = decoder(autoregressive(), output_type="np")
-    difference = float(np.abs(whole - split).max())
-    if difference > 1e-4:
-        sys.exit(f"bench_reference: error: the split run differs from pipe(prompt) (max abs diff {difference:.2e})")
+    for name, (scheduler, steps) in samplers.items():
+        # Warm-up, and the check that the two timed parts are one `pipe(prompt)` call split in two.
+        pipe.scheduler = scheduler
+        whole = pipe(PROMPT, num_inference_steps=steps, generator=torch.Generator().manual_seed(args.seed),
+                     output_type="np").images
+        split = decoder(autoregressive(), steps, output_type="np")
+        difference = float(np.abs(whole - split).max())
+        if difference > 1e-4:
+            sys.exit(f"bench_reference: error: {name}: the split run differs from pipe(prompt) ({difference:.2e})")
 
-    runs = []
+    runs = {name: [] for name in samplers}
     for _ in range(args.repeats):
-        start = time.perf_counter()
-        image_embeds = autoregressive()
-        middle = time.perf_counter()
-        decoder(image_embeds)
-        end = time.perf_counter()
-        runs.append((middle - start, end - middle, end - start))
-    t_ar, t_decoder, t_image = (statistics.median(run[i] for run in runs) for i in range(3))
+        for name, (scheduler, steps) in samplers.items():
+            pipe.scheduler = scheduler
+            start = time.perf_counter()
+            image_embeds = autoregressive()
+            middle = time.perf_counter()
+            decoder(image_embeds, steps)
+            end = time.perf_counter()
+            runs[name].append((middle - start, end - middle, end - start))
+    medians = {name: [statistics.median(run[i] for run in runs[name]) for i in range(3)] for name in samplers}
 
     size = pipe.default_sample_size * pipe.vae_scale_factor
     print(f"model: {folder}")
     print(f"  model (LLM, encoders, heads) {millions(pipe.model):.1f}M parameters ({pipe.model.dtype}), decoder "
-          f"{millions(pipe.decoder):.1f}M ({pipe.decoder.dtype}), VAE {millions(pipe.vae):.1f}M, "
-          f"scheduler {type(pipe.scheduler).__name__}")
+          f"{millions(pipe.decoder):.1f}M ({pipe.decoder.dtype}), VAE {millions(pipe.vae):.1f}M")
     print(f"  torch {torch.__version__}, CPU, {torch.get_num_threads()} threads; prompt {PROMPT!r}, "
-          f"{pipe.model.config.num_gen_tokens} vectors, guidance {guidance}, {args.steps} denoising steps, "
-          f"{size}x{size}; medians of {args.repeats} after one warm-up, each part's and the sum's "
-          f"(split = pipe(prompt): max diff {difference:.1e})")
-    print(f"autoregressive (encode_prompt): {t_ar:.3f} s")
-    print(f"decoder ({args.steps} steps + VAE decode): {t_decoder:.3f} s")
-    if t_image <= FLOOR_S:
-        verdict = f"{FLOOR_S / t_image:.1f}x under"
-    else:
-        verdict = f"{t_image / FLOOR_S:.1f}x over"
-    print(f"one image: {t_image:.2f} s (floor {FLOOR_S:g} s: {verdict})")
+          f"{pipe.model.config.num_gen_tokens} vectors, guidance {guidance}, {size}x{size}; medians of "
+          f"{args.repeats} images per sampler, timed alternately, after one warm-up each")
+    for name, (scheduler, steps) in samplers.items():
+        t_ar, t_decoder, t_image = medians[name]
+        print(f"{name:>10} ({type(scheduler).__name__}, {steps} steps): autoregressive {t_ar:.3f} s, decoder "
+              f"{t_decoder:.3f} s, one image {t_image:.3f} s")
+    t_image = medians["checkpoint"][2]
+    verdict = f"{FLOOR_S / t_image:.2f}x under" if t_image <= FLOOR_S else f"{t_image / FLOOR_S:.2f}x over"
+    print(f"one image: {t_image:.3f} s, {medians['baseline'][2] / t_image:.2f}x faster than the baseline "
+          f"(floor {FLOOR_S:g} s: {verdict})")
+
+    pipe.scheduler, steps = samplers["checkpoint"]
+    for batch_size in batch_sizes:
+        prompts = [PROMPT] * batch_size
+        generators = [torch.Generator().manual_seed(args.seed + i) for i in range(batch_size)]
+        pipe(prompts[:1], num_inference_steps=steps, generator=generators[:1])  # warm-up of this code path
+        start = time.perf_counter()
+        pipe(prompts, num_inference_steps=steps, generator=generators)
+        seconds = time.perf_counter() - start
+        print(f"batch {batch_size:>3}: {batch_size / seconds:.1f} images/s ({seconds:.2f} s)")
 
 
 if __name__ == "__main__":

@@ -200,6 +200,9 @@ class PiscesPipeline(DiffusionPipeline):
         scheduler ([`SchedulerMixin`]): any diffusers scheduler (DDPM, DDIM, Euler, FlowMatchEuler, ...).
         vae ([`AutoencoderKL`], *optional*): the latent space; without it the decoder works in pixels and must output
             3 channels.
+        default_num_inference_steps (`int`, defaults to 25): the denoising steps of a call that gives none, saved in
+            `model_index.json` (like SDXL's `force_zeros_for_empty_prompt`), so that a checkpoint ships the step count
+            its scheduler was chosen for.
     """
 
     model_cpu_offload_seq = "model->decoder->vae"
@@ -213,9 +216,15 @@ class PiscesPipeline(DiffusionPipeline):
         decoder: UNet2DConditionModel,
         scheduler: KarrasDiffusionSchedulers,
         vae: AutoencoderKL | None = None,
+        default_num_inference_steps: int = 25,
     ):
         super().__init__()
+        if not isinstance(default_num_inference_steps, int) or default_num_inference_steps < 1:
+            raise ValueError(
+                f"`default_num_inference_steps` must be a positive integer, got {default_num_inference_steps!r}."
+            )
         self.register_modules(model=model, processor=processor, decoder=decoder, scheduler=scheduler, vae=vae)
+        self.register_to_config(default_num_inference_steps=default_num_inference_steps)
         self.check_decoder_output()
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
 
@@ -546,22 +555,35 @@ class PiscesPipeline(DiffusionPipeline):
     def predict_noise(self, latents: torch.Tensor, timestep, image_embeds: torch.Tensor) -> torch.Tensor:
         """
         One decoder prediction for `latents` conditioned on `image_embeds`, guided against zero vectors when
-        `do_decoder_guidance`. The guidance batch is built here at every step, from the current scale and vectors, so
-        that a callback can turn guidance on or off, or replace the vectors, between steps.
+        `do_decoder_guidance`. The conditioning (the guidance batch of vectors, their grid at the latents' size and
+        their mean) is built once and reused while the vectors (the same tensor object) and the guidance stay the
+        same, so that a callback can still turn guidance on or off, or replace the vectors, between steps; a callback
+        returns new vectors rather than editing them in place.
         """
-        if self.do_decoder_guidance:
-            latent_input = torch.cat([latents] * 2)
-            conditioning = torch.cat([torch.zeros_like(image_embeds), image_embeds])
-        else:
-            latent_input, conditioning = latents, image_embeds
+        guided = self.do_decoder_guidance
+        latent_input = torch.cat([latents] * 2) if guided else latents
         if hasattr(self.scheduler, "scale_model_input"):  # absent from flow-matching schedulers
             latent_input = self.scheduler.scale_model_input(latent_input, timestep)
-        sample = decoder_input(self.decoder, latent_input, conditioning)
-        noise_pred = self.decoder(sample, timestep, **decoder_conditioning(self.decoder, conditioning), return_dict=False)[0]
-        if self.do_decoder_guidance:
+        grid, conditioning = self._conditioning(image_embeds, guided, latent_input)
+        sample = latent_input if grid is None else torch.cat([latent_input, grid], dim=1)
+        noise_pred = self.decoder(sample, timestep, **conditioning, return_dict=False)[0]
+        if guided:
             noise_uncond, noise_cond = noise_pred.chunk(2)
             noise_pred = noise_uncond + self.decoder_guidance_scale * (noise_cond - noise_uncond)
         return noise_pred
+
+    def _conditioning(self, image_embeds: torch.Tensor, guided: bool, latent_input: torch.Tensor):
+        """The grid channels (or None) and the keyword arguments that condition the decoder, cached per vectors."""
+        key = (image_embeds, guided, latent_input.shape, latent_input.dtype)
+        cached = getattr(self, "_conditioning_cache", None)
+        if cached is not None and cached[0][0] is image_embeds and cached[0][1:] == key[1:]:
+            return cached[1]
+        vectors = torch.cat([torch.zeros_like(image_embeds), image_embeds]) if guided else image_embeds
+        with_grid = decoder_input(self.decoder, latent_input, vectors)
+        grid = with_grid[:, latent_input.shape[1] :] if with_grid.shape[1] > latent_input.shape[1] else None
+        value = (grid, decoder_conditioning(self.decoder, vectors))
+        self._conditioning_cache = (key, value)
+        return value
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents (or pixels, without a VAE) -> images in [-1, 1], shape `(batch_size, 3, height, width)`."""
@@ -595,7 +617,7 @@ class PiscesPipeline(DiffusionPipeline):
         image: PIL.Image.Image | list[PIL.Image.Image] | None = None,
         height: int | None = None,
         width: int | None = None,
-        num_inference_steps: int = 25,
+        num_inference_steps: int | None = None,
         timesteps: list[int] | None = None,
         sigmas: list[float] | None = None,
         guidance_scale: float | None = None,
@@ -620,7 +642,8 @@ class PiscesPipeline(DiffusionPipeline):
                 and a warning says so.
             image (`PIL.Image.Image` or a list of them): images to vary: their generation-encoder vectors are decoded.
             height, width (`int`, *optional*): in pixels; default to the decoder's native size.
-            num_inference_steps (`int`, defaults to 25): denoising steps.
+            num_inference_steps (`int`, *optional*): denoising steps; defaults to the pipeline's
+                `default_num_inference_steps` (in `model_index.json`; 25 unless the checkpoint says otherwise).
             timesteps (`list[int]`, *optional*): custom timesteps, for schedulers whose `set_timesteps` takes them;
                 `num_inference_steps` is then ignored.
             sigmas (`list[float]`, *optional*): custom sigmas, for schedulers whose `set_timesteps` takes them.
@@ -651,6 +674,8 @@ class PiscesPipeline(DiffusionPipeline):
             native_size = self.default_sample_size * self.vae_scale_factor
             height = native_size if height is None else height
             width = native_size if width is None else width
+        if num_inference_steps is None:
+            num_inference_steps = self.config.default_num_inference_steps
         self.check_inputs(
             prompt,
             negative_prompt,
@@ -719,6 +744,7 @@ class PiscesPipeline(DiffusionPipeline):
             images = latents
         else:
             images = self.image_processor.postprocess(self.decode_latents(latents), output_type=output_type)
+        self._conditioning_cache = None  # holds the vectors of this call
         self.maybe_free_model_hooks()
 
         if not return_dict:

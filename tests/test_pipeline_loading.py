@@ -232,3 +232,32 @@ def test_the_old_model_index_form_cannot_be_downloaded_by_diffusers(tiny_checkpo
     _fake_hub(monkeypatch, old, tmp_path / "snapshot")
     with pytest.raises(ValueError, match=r"model/pisces.modeling_pisces.py as defined in `model_index.json` does not exist"):
         DiffusionPipeline.from_pretrained("someone/pisces-tiny", local_files_only=False)
+
+
+# ---- the checkpoint's own step count ----
+
+
+def _steps_of_a_call(pipe, **kwargs) -> int:
+    seen = []
+
+    def count(pipe, step, timestep, tensors):
+        seen.append(step)
+        return {}
+
+    pipe.set_progress_bar_config(disable=True)
+    pipe("a red circle", output_type="np", callback_on_step_end=count, **kwargs)
+    return len(seen)
+
+
+def test_default_num_inference_steps_is_saved_in_model_index_and_used_when_a_call_gives_none(pipe, tmp_path):
+    assert pipe.config.default_num_inference_steps == 25  # a checkpoint that names none
+    pipe.register_to_config(default_num_inference_steps=3)
+    pipe.save_pretrained(tmp_path / "three")
+    assert json.loads((tmp_path / "three" / "model_index.json").read_text())["default_num_inference_steps"] == 3
+    for loader in (PiscesPipeline, DiffusionPipeline):
+        loaded = loader.from_pretrained(tmp_path / "three")
+        assert loaded.config.default_num_inference_steps == 3
+        assert _steps_of_a_call(loaded) == 3
+        assert _steps_of_a_call(loaded, num_inference_steps=2) == 2
+    with pytest.raises(ValueError, match="default_num_inference_steps"):
+        PiscesPipeline(pipe.model, pipe.processor, pipe.decoder, pipe.scheduler, pipe.vae, default_num_inference_steps=0)

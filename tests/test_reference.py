@@ -228,10 +228,10 @@ def test_cli_recipes_are_the_recipes():
 # ---- the shipped model ----
 
 # The issue's floors: ShapeEval 0.80 overall with no category under 0.50, and question answering 0.90. The ShapeEval
-# subset below is every v1 prompt once (seed 0, 42 images). Under ShapeEval v2's stricter scorer (one colour per
-# object, "none" for a shape or colour like none of the world's) the shipped model measures 0.875 there, colour
-# attribution the lowest at 0.50 (4 of 8 images; 0.90 and 0.62 under v1's scorer), so the category guard sits one
-# image below it: a guard at the measured figure would hold no margin. (The first subset, two prompts per category at
+# subset below is every v1 prompt once (seed 0, 42 images, the checkpoint's 8 DDIM steps). Under ShapeEval v2's
+# stricter scorer (one colour per object, "none" for a shape or colour like none of the world's) the shipped model
+# measures 0.90 there, colour attribution the lowest at 0.625 (5 of 8 images; with 25 steps 0.875 and 0.50), so the
+# category guard sits one image below the 25-step figure: a guard at the measured figure would hold no margin. (The first subset, two prompts per category at
 # two seeds, measured position 0.25 where all 168 images measure 0.84: four pictures of two prompts are too few to
 # stand for a category.) Question answering is the full benchmark, 298 questions of 50 held-out scenes in 5 s: the
 # shipped model measures 0.92 (12 scenes measure 0.88, too few to hold the floor). A random checkpoint scores 0 on both.

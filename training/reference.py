@@ -472,7 +472,11 @@ def _new_pipeline(seed: int, budget: Budget = REFERENCE_BUDGET):
         set_alpha_to_one=False,
         prediction_type="sample",
     )
-    return PiscesPipeline(model=model, processor=processor, decoder=decoder, scheduler=scheduler, vae=vae)
+    # 8 DDIM steps: the full ShapeEval benchmark scores the same as with 25 in every v1 category (0.875 overall
+    # against 0.854) at half the time per image; 7 steps lost colours (0.875 against 0.938).
+    return PiscesPipeline(
+        model=model, processor=processor, decoder=decoder, scheduler=scheduler, vae=vae, default_num_inference_steps=8
+    )
 
 
 def _with_components(pipe, donor):
