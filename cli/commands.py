@@ -201,6 +201,24 @@ def _is_complete_png(path: Path) -> bool:
 
 
 def generate(args) -> None:
+    if args.prompt is not None and args.prompt_option is not None:
+        raise CommandError("pass the prompt once: as PROMPT or as --prompt")
+    prompt = args.prompt if args.prompt is not None else args.prompt_option
+    if prompt is not None and args.prompts is not None:
+        raise CommandError("pass one prompt (PROMPT or --prompt) or a file of them (--prompts FILE), not both")
+    if args.prompts is not None:
+        from .batch_generate import generate_batch
+
+        generate_batch(args)
+        return
+    if prompt is None:
+        raise CommandError("the following arguments are required: prompt (or --prompts FILE)")
+    args.prompt = prompt
+    for option, given in (("--out", args.out), ("--layout", args.layout), ("--batch-size", args.batch_size),
+                          ("--overwrite", args.overwrite or None)):
+        if given is not None:
+            raise CommandError(f"{option} is for --prompts FILE; a single prompt writes -o/--output")
+    args.output = "out.png" if args.output is None else args.output
     out = Path(args.output)
     if out.suffix.lower() != ".png":
         raise CommandError(f"-o/--output must name a .png file, got {args.output}")
@@ -256,6 +274,19 @@ def eval_shapes(args) -> None:
 
 
 def describe(args) -> None:
+    if args.questions is not None:
+        if args.image is not None:
+            raise CommandError("pass either an image or --questions FILE, not both")
+        if args.out is None:
+            raise CommandError("--questions needs --out ANSWERS.jsonl")
+        from .batch_describe import batch_describe
+
+        return batch_describe(args)
+    if args.image is None:
+        raise CommandError("pass an image, or --questions FILE --out ANSWERS.jsonl")
+    for option in ("out", "resume", "overwrite"):
+        if getattr(args, option):
+            raise CommandError(f"--{option} goes with --questions FILE")
     image_path = Path(args.image)
     if not image_path.is_file():
         raise CommandError(f"image not found: {args.image}")
@@ -285,11 +316,37 @@ def describe(args) -> None:
     print(answer.strip())
 
 
-def _load_rows(data: str, split: str):
-    """Training rows: an image folder (metadata.jsonl), a folder saved by `datasets`, or a `datasets` Hub name."""
+def _load_rows(data: str, split: str, streaming: bool = False, max_steps: int | None = 1):
+    """
+    Training rows: an image folder (metadata.jsonl), a folder saved by `datasets`, or a `datasets` Hub name; or a
+    stream, read as training goes: WebDataset shards (a `.tar` brace pattern or glob, or a folder of `.tar` files), or,
+    with `streaming`, any of the `datasets` sources (and `.parquet` / `.json` / `.jsonl` files or globs). A stream has
+    no length to count epochs over, so it needs `max_steps` (None: the user gave no --max-steps).
+    """
     from pisces.training.data import load_image_folder
 
     folder = Path(data)
+    webdataset = data.endswith((".tar", ".tar}")) or (
+        folder.is_dir() and not (folder / "metadata.jsonl").is_file() and any(folder.glob("*.tar"))
+    )
+    if webdataset or streaming:
+        if max_steps is None:
+            raise CommandError(f"--data {data} is a stream, which has no length: pass --max-steps")
+        if webdataset:
+            try:
+                import webdataset  # noqa: F401
+            except ImportError as error:
+                raise CommandError(
+                    f"{data} names WebDataset shards; to read them, install `webdataset` (pip install 'pisces-hf[train]')"
+                ) from error
+        try:
+            from pisces.training.streaming import streaming_rows
+
+            return streaming_rows(data, split=split)
+        except ImportError as error:
+            raise CommandError(f"streaming needs `datasets` (pip install 'pisces-hf[train]'): {error}") from error
+        except (OSError, ValueError) as error:
+            raise CommandError(f"could not stream the data {data}: {_one_line(error)}") from error
     if (folder / "metadata.jsonl").is_file():
         try:
             return load_image_folder(folder)
@@ -436,7 +493,7 @@ def train(args) -> None:
         raise CommandError(f"bad Trainer arguments: {error}") from error
 
     pipe, model, processor = _load_trainable(args.model)
-    rows = _load_rows(args.data, args.split)
+    rows = _load_rows(args.data, args.split, streaming=args.streaming, max_steps=args.max_steps)
     stage = args.stage
     if args.lora:
         from peft import get_peft_model
@@ -523,7 +580,7 @@ def train_decoder(args) -> None:
     from pisces.training.decoder_training import train_decoder as run
 
     pipe = _load_pipeline(args.model)
-    rows = _load_rows(args.data, args.split)
+    rows = _load_rows(args.data, args.split, streaming=args.streaming, max_steps=args.max_steps)
     if _is_main_process():
         if args.overwrite and out.is_dir():
             clear_folder(out)
@@ -561,10 +618,16 @@ def train_reference(args) -> None:
             "pass --overwrite to train again from nothing, or a new --out"
         )
 
+    if args.components_from is not None and not (Path(args.components_from) / "model_index.json").is_file():
+        raise CommandError(f"--components-from {args.components_from} is not a pipeline folder (no model_index.json)")
+
     from pisces.training import reference
 
     try:
-        out = reference.train_reference(out, seed=args.seed, recipe=args.recipe)
+        out = reference.train_reference(
+            out, seed=args.seed, recipe=args.recipe, budget=reference.BUDGETS[args.budget],
+            components_from=args.components_from,
+        )
     except (FileExistsError, ValueError) as error:
         raise CommandError(str(error)) from error
     print(f"wrote the reference model ({args.recipe}, seed {args.seed}) to {out}")
@@ -573,6 +636,7 @@ def train_reference(args) -> None:
 # Choices of the parser, kept here so that `pisces --help` loads no torch (importing `pisces.conversion` would); a test
 # checks that they equal `pisces.conversion.PRESETS`, `DECODER_PRESETS` and the reference recipe's `RECIPES`.
 CHECKPOINT_PRESETS = ("tiny", "pisces-8b")
+REFERENCE_BUDGETS = ("reference", "wording")
 DECODER_PRESET_NAMES = ("tiny", "reference", "small", "sdxl")
 REFERENCE_RECIPES = ("joint", "generation-only")
 # `pisces train --lora --out RUN`: the adapter at RUN, the merged checkpoint in RUN/merged.
@@ -653,14 +717,41 @@ def build_parser() -> argparse.ArgumentParser:
     assemble.add_argument("--seed", type=int, default=0, help="seeds the fresh projectors, heads and decoder")
     assemble.set_defaults(run=convert_assemble)
 
-    generate_cmd = _add_parser(commands, "generate", help="draw a picture from a prompt")
-    generate_cmd.add_argument("prompt", help="what to draw")
+    generate_cmd = _add_parser(
+        commands, "generate", help="draw a picture from a prompt, or images for a file of prompts (benchmarks)",
+        description="Draws PROMPT into -o/--output, or, with --prompts FILE --out DIR, --num-images images for every "
+        "prompt of FILE (plain text, one prompt a line; or JSON lines with a \"prompt\" field, e.g. GenEval's "
+        "metadata file). Layout geneval: DIR/00000/metadata.jsonl (the prompt's JSON line) and "
+        "DIR/00000/samples/0000.png, 0001.png, ... as GenEval's evaluator reads them. Layout flat: DIR/<id>.png, or "
+        "DIR/<id>_<k>.png with several images (DPG-Bench style; <id> is the line's \"id\" field, else the prompt's "
+        "index as 5 digits). Image k of prompt p uses seed --seed + p * 10007 + k, whatever the batch size or the "
+        "number of processes. Runs unchanged under `accelerate launch` (python -m pisces_cli), which shares the "
+        "prompts between the processes.",
+    )
+    generate_cmd.add_argument("prompt", nargs="?", help="what to draw (or --prompt, or --prompts FILE)")
+    generate_cmd.add_argument("--prompt", dest="prompt_option", metavar="PROMPT", help="what to draw (default: none)")
     generate_cmd.add_argument(
-        "-o", "--output", default="out.png", help="PNG file; several images get -0, -1, ... (each written when done)"
+        "--prompts", metavar="FILE", help="a file of prompts, .txt or .jsonl, drawn into --out (default: none)"
+    )
+    generate_cmd.add_argument("--out", metavar="DIR", help="with --prompts: the output folder, new or empty (default: none)")
+    generate_cmd.add_argument(
+        "--layout", choices=["geneval", "flat"], help="with --prompts: the files in --out (default: geneval)"
+    )
+    generate_cmd.add_argument(
+        "--batch-size", type=int, help="with --prompts: prompts per pipeline call, per process (default: 4)"
+    )
+    generate_cmd.add_argument(
+        "--overwrite", action="store_true", help="with --prompts: delete what --out holds, then draw"
+    )
+    generate_cmd.add_argument(
+        "-o", "--output",
+        help="PNG file; several images get -0, -1, ... (each written when done) (default: out.png)",
     )
     generate_cmd.add_argument("--model", help=MODEL_HELP)
     generate_cmd.add_argument("--seed", type=int, default=0, help="image i is drawn with seed --seed + i")
-    generate_cmd.add_argument("--steps", type=int, default=25, help="denoising steps")
+    generate_cmd.add_argument(
+        "--steps", type=int, help="denoising steps (default: the checkpoint's own, default_num_inference_steps in model_index.json)"
+    )
     generate_cmd.add_argument(
         "--guidance", type=float, default=None,
         help="guidance on the LLM's vectors, 1 turns it off (default: the model's generation config)",
@@ -668,7 +759,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate_cmd.add_argument("--num-images", type=int, default=1, help="how many images to draw")
     generate_cmd.add_argument(
         "--resume", action="store_true",
-        help="keep the complete images an interrupted run with the same arguments wrote; draw only the missing ones",
+        help="keep the complete images an interrupted run with the same arguments wrote; draw only the missing ones "
+        "(with --prompts: skip the prompts whose images are all complete)",
     )
     generate_cmd.set_defaults(run=generate)
 
@@ -681,11 +773,18 @@ def build_parser() -> argparse.ArgumentParser:
     shapes.add_argument("--json", help="write the scores to this JSON file (default: print them only)")
     shapes.add_argument("--images-per-prompt", type=int, default=4, help="images drawn per ShapeEval prompt")
     shapes.add_argument("--num-scenes", type=int, default=50, help="held-out scenes for question answering")
-    shapes.add_argument("--steps", type=int, default=25, help="denoising steps")
+    shapes.add_argument(
+        "--steps", type=int, help="denoising steps (default: the checkpoint's own, default_num_inference_steps in model_index.json)"
+    )
     shapes.set_defaults(run=eval_shapes)
 
     describe_cmd = _add_parser(commands, "describe", help="answer a question about an image")
-    describe_cmd.add_argument("image", help="the image file")
+    describe_cmd.add_argument("image", nargs="?", help="the image file (or --questions)")
+    describe_cmd.add_argument("--questions", help="JSON lines of {image, question | messages, id?}, answered in batches (default: none, one IMAGE)")
+    describe_cmd.add_argument("--out", help="with --questions: the answers, JSON lines in input order (default: none)")
+    describe_cmd.add_argument("--batch-size", type=int, default=8, help="with --questions: questions per batch")
+    describe_cmd.add_argument("--resume", action="store_true", help="with --questions: keep the answers in --out")
+    describe_cmd.add_argument("--overwrite", action="store_true", help="with --questions: replace the answers in --out")
     describe_cmd.add_argument("--prompt", default="Describe the image.", help="the question")
     describe_cmd.add_argument("--model", help=MODEL_HELP)
     describe_cmd.add_argument("--max-new-tokens", type=int, default=96, help="stops earlier at the end of the answer")
@@ -700,7 +799,14 @@ def build_parser() -> argparse.ArgumentParser:
         "(see `pisces train reference --help`).",
     )
     train_cmd.add_argument("--model", required=True, help="a Pisces checkpoint folder")
-    train_cmd.add_argument("--data", required=True, help="an image folder (metadata.jsonl) or a datasets name/folder")
+    train_cmd.add_argument(
+        "--data", required=True,
+        help="an image folder (metadata.jsonl), a datasets name/folder, or WebDataset shards (dir/{000000..000009}.tar, "
+        "or a folder of .tar files; streamed, needs --max-steps)",
+    )
+    train_cmd.add_argument(
+        "--streaming", action="store_true", help="stream a datasets --data (or .parquet/.jsonl files); needs --max-steps"
+    )
     train_cmd.add_argument(
         "--stage", default="pretrain", choices=["align", "pretrain", "finetune", "custom"],
         help="what trains (pisces.training.stages)",
@@ -751,7 +857,14 @@ def build_parser() -> argparse.ArgumentParser:
         commands, "train-decoder", help="train the diffusion decoder on the frozen gen encoder's vectors (accelerate)"
     )
     decoder_cmd.add_argument("--model", required=True, help="a Pisces pipeline checkpoint folder")
-    decoder_cmd.add_argument("--data", required=True, help="an image folder (metadata.jsonl) or a datasets name/folder")
+    decoder_cmd.add_argument(
+        "--data", required=True,
+        help="an image folder (metadata.jsonl), a datasets name/folder, or WebDataset shards (dir/{000000..000009}.tar, "
+        "or a folder of .tar files; streamed)",
+    )
+    decoder_cmd.add_argument(
+        "--streaming", action="store_true", help="stream a datasets --data (or .parquet/.jsonl files)"
+    )
     decoder_cmd.add_argument(
         "--out", required=True, help="output folder, new or empty: the checkpoint with the trained decoder"
     )
@@ -806,6 +919,16 @@ def build_reference_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--seed", type=int, default=0, help="seeds everything")
     parser.add_argument("--recipe", default="joint", choices=REFERENCE_RECIPES, help="the LLM stages' data")
+    parser.add_argument(
+        "--budget", default="reference", choices=REFERENCE_BUDGETS,
+        help="steps and data of every part: the shipped model's, or 'wording' (more named colours, a quarter of the "
+        "prompts and questions reworded)",
+    )
+    parser.add_argument(
+        "--components-from", metavar="FOLDER", default=None,
+        help="a reference model folder whose encoders, VAE and decoder to take instead of training them; the "
+        "tokenizer and the LLM stages train from nothing (default: train every part)",
+    )
     parser.set_defaults(run=train_reference)
     return parser
 

@@ -38,7 +38,7 @@ def test_version_is_the_installed_distributions():
     "argv, returncode, expected",
     [
         (["--help"], 0, "train-decoder"),
-        (["generate", "--help"], 0, "(default: 25)"),
+        (["generate", "--help"], 0, "(default: the checkpoint's own"),
         (["generate"], 2, "the following arguments are required: prompt"),
         (["convert", "random", "--preset", "huge"], 2, "invalid choice: 'huge'"),
         (["generate", "a cat", "-o", "cat.jpg"], 2, "pisces: error: -o/--output must name a .png file"),
@@ -77,9 +77,10 @@ def test_every_options_help_shows_its_default():
             checked += 1
     assert checked > 60
     args = cli.build_parser().parse_args(["generate", "x"])
-    assert "(default: 25)" in " ".join(cli.build_parser()._subparsers._group_actions[0].choices["generate"]
-                                       .format_help().split())
-    assert args.steps == 25 and args.resume is False
+    assert "(default: the checkpoint's own" in " ".join(
+        cli.build_parser()._subparsers._group_actions[0].choices["generate"].format_help().split()
+    )
+    assert args.steps is None and args.resume is False
 
 
 def test_parser_choices_match_the_layers_they_name():

@@ -91,7 +91,7 @@ def test_train_reference_overwrite_starts_from_nothing(tmp_path, monkeypatch, ca
     (tmp_path / "reference.partial" / "0-encoder").mkdir(parents=True)
     seen = []
 
-    def fake_train_reference(out_dir, seed=0, recipe="joint", log=print):
+    def fake_train_reference(out_dir, seed=0, recipe="joint", budget=None, components_from=None, log=print):
         seen.append((out_dir.exists(), out_dir.with_name(out_dir.name + ".partial").exists()))
         return out_dir
 

@@ -116,7 +116,8 @@ def test_train_reference_rejects_an_unknown_recipe(capsys):
 def test_train_reference_calls_train_reference(extra, seed, recipe, tmp_path, monkeypatch, capsys):
     calls = []
 
-    def fake_train_reference(out_dir, seed=0, recipe="joint", components_from=None, log=print):
+    def fake_train_reference(out_dir, seed=0, recipe="joint", budget=None, components_from=None, log=print):
+        assert budget is reference.REFERENCE_BUDGET
         calls.append((out_dir, seed, recipe))
         return Path(out_dir)
 
@@ -128,7 +129,7 @@ def test_train_reference_calls_train_reference(extra, seed, recipe, tmp_path, mo
 
 
 def test_train_reference_refusals_are_one_line(tmp_path, monkeypatch, capsys):
-    def refuses(out_dir, seed=0, recipe="joint", components_from=None, log=print):
+    def refuses(out_dir, seed=0, recipe="joint", budget=None, components_from=None, log=print):
         raise FileExistsError(f"{out_dir} is not empty and holds no partial run of the {recipe} recipe")
 
     monkeypatch.setattr(reference, "train_reference", refuses)
@@ -140,8 +141,8 @@ def test_train_reference_refusals_are_one_line(tmp_path, monkeypatch, capsys):
 def test_components_from_reaches_the_recipe_and_must_be_a_pipeline_folder(tmp_path, monkeypatch, capsys):
     calls = []
 
-    def fake_train_reference(out_dir, seed=0, recipe="joint", components_from=None, log=print):
-        calls.append(components_from)
+    def fake_train_reference(out_dir, seed=0, recipe="joint", budget=None, components_from=None, log=print):
+        calls.append((components_from, budget))
         return Path(out_dir)
 
     monkeypatch.setattr(reference, "train_reference", fake_train_reference)
@@ -150,8 +151,15 @@ def test_components_from_reaches_the_recipe_and_must_be_a_pipeline_folder(tmp_pa
     assert main(["train", "reference", "--out", str(tmp_path / "a"), "--components-from", str(donor)]) == 2
     assert "is not a pipeline folder" in capsys.readouterr().err
     (donor / "model_index.json").write_text("{}")
-    assert main(["train", "reference", "--out", str(tmp_path / "b"), "--components-from", str(donor)]) == 0
-    assert calls == [str(donor)]
+    argv = ["train", "reference", "--out", str(tmp_path / "b"), "--components-from", str(donor), "--budget", "wording"]
+    assert main(argv) == 0
+    assert calls == [(str(donor), reference.WORDING_BUDGET)]
+
+
+def test_cli_budgets_are_the_recipes_budgets():
+    from pisces_cli.commands import REFERENCE_BUDGETS
+
+    assert REFERENCE_BUDGETS == tuple(reference.BUDGETS)
 
 
 def test_train_with_model_and_data_still_parses(monkeypatch):
