@@ -6,11 +6,13 @@
    of the same size: Pisces predicts 64 vectors, Janus 576 VQ tokens. The floor is 5x faster per image.
 3. The compiled decode step (`compile_config=CompileConfig(...)`, static cache) against the eager default (dynamic
    cache), per step, and each against the weight-read bound of this machine: the bytes of the weights one step reads
-   divided by the memory bandwidth measured in the same run (a large tensor copy). The floor is 1.5x faster.
+   divided by the memory bandwidth measured in the same run (a large tensor copy). The floor is 1.5x faster. On CPU
+   the compiled step includes `FewRowMatmulPass` (`--without-few-row-matmul` leaves it out).
 
 Both sides: a Llama-shaped model (by default hidden 1024, 8 layers, about 100M parameters; `--hidden 512` for the
 smaller one), float32, CPU, batch 1, classifier-free guidance on (batch-doubled), prompts of 20 and 80 tokens.
-Run: `python benchmarks/bench_image_embeddings.py [--hidden 1024] [--layers 8] [--quick] [--only-compiled]`.
+Run: `python benchmarks/bench_image_embeddings.py [--hidden 1024] [--layers 8] [--quick] [--only-compiled]
+[--without-few-row-matmul]`.
 
 Why the size matters: a cached step reads every weight once and pays the stock Llama's fixed Python cost per layer
 (about 0.9 ms here), while a recomputed step is compute-bound on the whole sequence. The fixed cost is a large share
@@ -187,11 +189,18 @@ def main():
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--quick", action="store_true", help="one timed repeat instead of three")
     parser.add_argument("--only-compiled", action="store_true", help="only part 3: eager against compiled steps")
+    parser.add_argument("--without-few-row-matmul", action="store_true",
+                        help="compile the CPU step without FewRowMatmulPass, to see what that pass contributes")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (1 keeps timings stable on a machine other jobs load)")
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.without_few_row_matmul:
+        import torch._inductor.config as inductor_config
+
+        # Any post-grad pass set by the caller keeps Pisces' own out (a no-op one here).
+        inductor_config.post_grad_custom_post_pass = lambda graph: None
     repeats = 1 if args.quick else 3
     text = text_config(args.hidden, args.layers)
     pisces = pisces_model(text)

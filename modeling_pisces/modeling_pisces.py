@@ -25,7 +25,7 @@ from transformers.utils.generic import can_return_tuple
 
 from .checkpoint_files import load_with_checked_files
 from .configuration_pisces import PiscesConfig
-from .static_decoding import StaticImageDecoding, choose_cache_implementation, choose_compile_config
+from .static_decoding import StaticImageDecoding, choose_cache_implementation, choose_compile_config, compile_context
 
 
 # transformers 5.24 renamed the KV-cache argument and output field `past_key_values` -> `cache`; 5.17-5.23 use the old
@@ -708,7 +708,9 @@ class PiscesForConditionalGeneration(PiscesPreTrainedModel, GenerationMixin):
         is `generation_config.max_cache_len` long when set, otherwise the prompt plus `num_gen_tokens` rounded up to a
         multiple of 128 (and never shorter than this model's last cache at that batch size), so prompts of different
         lengths share one cache, one attention-mask shape and one graph. The first call at a new batch size, with
-        guidance switched on or off, or a prompt past the cache's length compiles once more.
+        guidance switched on or off, or a prompt past the cache's length compiles once more. On CPU the compiled step's
+        2- to 4-row matrix products run as `(W @ x.T).T` (`pisces.few_row_matmul.FewRowMatmulPass`), where MKL is
+        two to three times faster than for `nn.Linear`'s `x @ W.T`.
 
         Args:
             input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
@@ -852,22 +854,30 @@ class PiscesForConditionalGeneration(PiscesPreTrainedModel, GenerationMixin):
         positions = positions[:, -1:]
 
         compile_config = choose_compile_config(compile_config, self.generation_config, device)
-        step = self._image_decode_step if compile_config is None else state.compiled(
-            self._image_decode_step, compile_config
-        )
-        for index in range(num_gen_tokens - 1):
-            positions = positions + 1
-            if compile_config is None:
-                prediction, next_embeds = step(next_embeds, positions, full_mask, cache, scale, **kwargs)
-            else:
+        if compile_config is None:
+            for _ in range(num_gen_tokens - 1):
+                positions = positions + 1
+                prediction, next_embeds = self._image_decode_step(next_embeds, positions, full_mask, cache, scale, **kwargs)
+                predictions.append(prediction)
+            return torch.stack(predictions, dim=1)
+
+        step = state.compiled(self._image_decode_step, compile_config)
+        # The inductor settings are part of what a compiled graph was made under: held for the whole loop.
+        with compile_context(device):
+            for index in range(num_gen_tokens - 1):
+                positions = positions + 1
                 # A captured CUDA graph overwrites its outputs on the next replay: what is kept is copied first.
                 torch.compiler.cudagraph_mark_step_begin()
-                # The first step checks the compiled graph's guards; the later ones see the same tensors, shapes and
-                # modules (only values change), so re-checking them, a few ms a step for a whole model, is skipped.
-                with contextlib.nullcontext() if index == 0 else torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+                # The first step checks the compiled graph's guards (and compiles, if they fail); the later ones see
+                # the same tensors, shapes and modules (only values change), so re-checking them, a few ms a step for
+                # a whole model, is skipped.
+                stance = contextlib.nullcontext() if index == 0 else torch.compiler.set_stance(skip_guard_eval_unsafe=True)
+                with stance:
                     prediction, next_embeds = step(next_embeds, positions, full_mask, cache, scale, **kwargs)
-                prediction, next_embeds = prediction.clone(), next_embeds.clone()
-            predictions.append(prediction)
+                predictions.append(prediction.clone())
+                # Standard strides: the graph was compiled for the eager prefill's layout, and a size-1 dimension's
+                # stride in a compiled output can differ (a guard failure, so a recompile).
+                next_embeds = next_embeds.clone(memory_format=torch.contiguous_format)
         return torch.stack(predictions, dim=1)
 
     def _image_decode_step(

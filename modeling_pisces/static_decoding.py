@@ -13,8 +13,12 @@ Shapes stay fixed across calls, so that a compiled step is reused instead of rec
 - the attention mask handed to the step is the whole cache length (the prompt's padding, then ones: causality hides
   the positions not written yet), so it is the same tensor at every step;
 - the guidance scale is a 0-d tensor, not a Python float the graph would be specialized on.
+
+On CPU the step is compiled with `FewRowMatmulPass` (`few_row_matmul.py`), which swaps the operands of its 2- to 4-row
+matrix products, the shape at which MKL is slowest.
 """
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -71,6 +75,23 @@ def choose_compile_config(
     if compile_config is not None and not isinstance(compile_config, CompileConfig):
         raise TypeError(f"compile_config must be a transformers.CompileConfig, got {type(compile_config).__name__}.")
     return compile_config
+
+
+def compile_context(device: torch.device):
+    """
+    The inductor settings a CPU decode step is compiled under: `FewRowMatmulPass` as the post-grad custom pass,
+    unless one is set already (by the caller's inductor config). Entered around the calls that may compile.
+    """
+    if device.type != "cpu":
+        return contextlib.nullcontext()
+    import torch._inductor.config as inductor_config
+
+    if inductor_config.post_grad_custom_post_pass is not None:
+        return contextlib.nullcontext()
+    # Imported here: inductor is loaded only when something is compiled.
+    from .few_row_matmul import FEW_ROW_MATMUL
+
+    return inductor_config.patch(post_grad_custom_post_pass=FEW_ROW_MATMUL)
 
 
 def round_up_cache_length(needed: int, multiple: int = CACHE_LENGTH_MULTIPLE) -> int:

@@ -48,6 +48,9 @@ def compiled_run(tiny_checkpoint):
         return compile_fx(graph_module, example_inputs)
 
     compile_config = CompileConfig(backend=counting_inductor, mode=None)
+    from torch._dynamo.utils import counters
+
+    few_row_matmuls = counters["inductor"]["pisces_few_row_matmul"]
     run = {}
     for name, prompts in (("short", SHORT_PROMPTS), ("long", LONG_PROMPTS)):
         ids, mask = left_padded(model.config, prompts)
@@ -56,6 +59,7 @@ def compiled_run(tiny_checkpoint):
             ids, mask, guidance_scale=GUIDANCE, compile_config=compile_config
         )
         run[f"{name}_compilations"] = len(compilations)
+    run["few_row_matmuls"] = counters["inductor"]["pisces_few_row_matmul"] - few_row_matmuls
     return run
 
 
@@ -137,3 +141,28 @@ def test_bad_cache_arguments_are_explained(fresh_model):
         fresh_model.generate_image_embeddings(ids, mask, use_cache=False, cache_implementation="static")
     with pytest.raises(TypeError, match="CompileConfig"):
         fresh_model.generate_image_embeddings(ids, mask, compile_config={"mode": "default"})
+
+
+def test_the_compiled_cpu_step_swaps_its_few_row_matmuls(compiled_run):
+    # Guidance doubles the two prompts: 4 rows, so every projection of the step is rewritten (and still equal, above).
+    assert compiled_run["few_row_matmuls"] >= 7 * 2  # q, k, v, o, gate, up, down in each of the tiny model's layers
+
+
+@pytest.mark.parametrize("rows, bias, rewritten", [(2, False, True), (4, True, True), (1, False, False), (8, True, False)])
+def test_few_row_matmul_pass(rows, bias, rewritten):
+    from torch._dynamo.utils import counters
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from pisces.few_row_matmul import FEW_ROW_MATMUL
+
+    torch.manual_seed(rows)
+    x, weight, b = torch.randn(rows, 16), torch.randn(24, 16), torch.randn(24)
+    graph_module = make_fx(lambda x, weight, b: torch.nn.functional.linear(x, weight, b if bias else None))(x, weight, b)
+    expected = graph_module(x, weight, b)
+    before = counters["inductor"]["pisces_few_row_matmul"]
+    FEW_ROW_MATMUL(graph_module.graph)
+    graph_module.recompile()
+    targets = [node.target for node in graph_module.graph.nodes if node.op == "call_function"]
+    assert (counters["inductor"]["pisces_few_row_matmul"] - before == 1) == rewritten
+    assert (torch.ops.aten.addmm.default in targets) == (bias and not rewritten)
+    torch.testing.assert_close(graph_module(x, weight, b), expected, rtol=1e-5, atol=1e-5)
