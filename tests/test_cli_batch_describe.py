@@ -132,8 +132,22 @@ def test_chat_messages_answer_like_the_same_question(scenes_folder, answers_one_
     assert written[1]["messages"] == user_messages(rows[3]["question"])
 
 
+@pytest.fixture
+def asked(monkeypatch):
+    """The ids of the questions the command answers (in order), recorded as `answer_batch` is called."""
+    ids = []
+    answer_batch = batch_describe_module.answer_batch
+
+    def counting_answer_batch(model, processor, batch, max_new_tokens):
+        ids.extend(row["id"] for row in batch)
+        return answer_batch(model, processor, batch, max_new_tokens)
+
+    monkeypatch.setattr(batch_describe_module, "answer_batch", counting_answer_batch)
+    return ids
+
+
 def test_resume_answers_only_the_missing_rows_and_ends_as_an_uninterrupted_run(scenes_folder, tmp_path, capsys,
-                                                                               monkeypatch):
+                                                                               asked):
     root, rows = scenes_folder
     questions = write_lines(root / "resume.jsonl", [json.dumps(row) for row in rows[:6]])
     argv = ["describe", "--questions", str(questions), "--batch-size", "2"] + MAX_NEW_TOKENS
@@ -151,14 +165,7 @@ def test_resume_answers_only_the_missing_rows_and_ends_as_an_uninterrupted_run(s
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--resume" in err and "--overwrite" in err, err
 
-    asked = []
-    answer_batch = batch_describe_module.answer_batch
-
-    def counting_answer_batch(model, processor, batch, max_new_tokens):
-        asked.extend(row["id"] for row in batch)
-        return answer_batch(model, processor, batch, max_new_tokens)
-
-    monkeypatch.setattr(batch_describe_module, "answer_batch", counting_answer_batch)
+    asked.clear()  # the uninterrupted run's
     assert main(argv + ["--out", str(resumed), "--resume"]) == 0
     assert asked == [2, 3, 4, 5]
     summary = capsys.readouterr().out.strip().splitlines()[-1]
@@ -175,7 +182,7 @@ def test_resume_answers_only_the_missing_rows_and_ends_as_an_uninterrupted_run(s
     assert main(argv + ["--out", str(resumed), "--resume", "--overwrite"]) == 2
 
 
-def test_resume_folds_in_the_part_files_of_a_killed_two_process_run(scenes_folder, tmp_path, monkeypatch):
+def test_resume_folds_in_the_part_files_of_a_killed_two_process_run(scenes_folder, tmp_path, asked):
     root, rows = scenes_folder
     questions = write_lines(root / "parts.jsonl", [json.dumps(row) for row in rows[:6]])
     argv = ["describe", "--questions", str(questions), "--batch-size", "2"] + MAX_NEW_TOKENS
@@ -187,14 +194,7 @@ def test_resume_folds_in_the_part_files_of_a_killed_two_process_run(scenes_folde
     resumed.write_bytes(b"")
     (tmp_path / "resumed.jsonl.part-0").write_bytes(b"".join(lines[:2]) + lines[2][:20])
     (tmp_path / "resumed.jsonl.part-1").write_bytes(b"".join(lines[3:5]))
-    asked = []
-    answer_batch = batch_describe_module.answer_batch
-
-    def counting_answer_batch(model, processor, batch, max_new_tokens):
-        asked.extend(row["id"] for row in batch)
-        return answer_batch(model, processor, batch, max_new_tokens)
-
-    monkeypatch.setattr(batch_describe_module, "answer_batch", counting_answer_batch)
+    asked.clear()
     assert main(argv + ["--out", str(resumed), "--resume"]) == 0
     assert asked == [2, 5]
     assert resumed.read_bytes() == whole.read_bytes()

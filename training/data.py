@@ -166,28 +166,13 @@ class PiscesTrainingDataset(torch.utils.data.Dataset):
 
     def _sample(self, index: int) -> dict | None:
         """The sample of row `index`, or None when the row is bad."""
-        row = self.rows[index]
-        rng = random.Random(f"pisces-{self.seed}-{index}")
-        text = _text(row.get(self.text_column))
-        question, answer = _text(row.get(self.question_column)), _text(row.get(self.answer_column))
-        wants_generation = rng.random() < self.generation_ratio
-        dropped = rng.random() < self.caption_dropout
-        if wants_generation and text is not None:
-            task = "generation"
-        elif question is not None and answer is not None:
-            task = "vqa"
-        elif text is not None:
-            task = "caption"
-        else:
+        sample = row_sample(self, self.rows[index], random.Random(f"pisces-{self.seed}-{index}"), index)
+        if sample is None:
             return None
-        image = load_row_image(row.get(self.image_column), index)
-        if image is None:
-            return None
-        if task == "generation" and dropped:
-            text = ""
-        sample = {"task": task, "image": image, "text": text, "question": question, "answer": answer}
         if self.fits is not None and not self.fits(sample):
-            logger.warning(f"Skipping row {index}: its {task} sequence is longer than the language model's positions.")
+            logger.warning(
+                f"Skipping row {index}: its {sample['task']} sequence is longer than the language model's positions."
+            )
             return None
         return sample
 
@@ -202,6 +187,34 @@ class PiscesTrainingDataset(torch.utils.data.Dataset):
             "Every row of the training data is bad (missing or unreadable images, empty texts, or sequences longer "
             "than the language model's positions)."
         )
+
+
+def row_sample(dataset, row: dict, rng: random.Random, position: int) -> dict | None:
+    """
+    The training sample of one row: its task (generation with probability `dataset.generation_ratio` when the row has
+    a text, else a question and answer, else a caption), its image and texts, the generation prompt dropped with
+    probability `dataset.caption_dropout`; None when the row has no usable text or image. `dataset` gives the column
+    names and the two probabilities (`TrainingDataset` and the streaming one share this); `rng` draws, so a row's
+    sample depends on its seed only.
+    """
+    text = _text(row.get(dataset.text_column))
+    question, answer = _text(row.get(dataset.question_column)), _text(row.get(dataset.answer_column))
+    wants_generation = rng.random() < dataset.generation_ratio
+    dropped = rng.random() < dataset.caption_dropout
+    if wants_generation and text is not None:
+        task = "generation"
+    elif question is not None and answer is not None:
+        task = "vqa"
+    elif text is not None:
+        task = "caption"
+    else:
+        return None
+    image = load_row_image(row.get(dataset.image_column), position)
+    if image is None:
+        return None
+    if task == "generation" and dropped:
+        text = ""
+    return {"task": task, "image": image, "text": text, "question": question, "answer": answer}
 
 
 def load_row_image(image, index: int):

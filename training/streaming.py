@@ -396,34 +396,20 @@ class StreamingTrainingDataset(_StreamReader):
         self.fits = fits
 
     def __iter__(self):
-        from .data import SKIPPED_ROWS_KEY, _text, load_row_image
+        from .data import SKIPPED_ROWS_KEY, row_sample
 
         rank, _, worker, _ = self._reader()
         bad = 0
         for position, row in self._rows():
             rng = random.Random(f"pisces-{self.seed}-{rank}-{worker}-{position}")
-            text = _text(row.get(self.text_column))
-            question, answer = _text(row.get(self.question_column)), _text(row.get(self.answer_column))
-            wants_generation = rng.random() < self.generation_ratio
-            dropped = rng.random() < self.caption_dropout
-            if wants_generation and text is not None:
-                task = "generation"
-            elif question is not None and answer is not None:
-                task = "vqa"
-            elif text is not None:
-                task = "caption"
-            else:
+            sample = row_sample(self, row, rng, position)
+            if sample is None:
                 bad += 1
                 continue
-            image = load_row_image(row.get(self.image_column), position)
-            if image is None:
-                bad += 1
-                continue
-            if task == "generation" and dropped:
-                text = ""
-            sample = {"task": task, "image": image, "text": text, "question": question, "answer": answer}
             if self.fits is not None and not self.fits(sample):
-                logger.warning(f"Skipping stream row {position}: its {task} sequence is too long for the model.")
+                logger.warning(
+                    f"Skipping stream row {position}: its {sample['task']} sequence is too long for the model."
+                )
                 bad += 1
                 continue
             sample[SKIPPED_ROWS_KEY] = bad
