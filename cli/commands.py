@@ -636,7 +636,7 @@ def train_reference(args) -> None:
 # Choices of the parser, kept here so that `pisces --help` loads no torch (importing `pisces.conversion` would); a test
 # checks that they equal `pisces.conversion.PRESETS`, `DECODER_PRESETS` and the reference recipe's `RECIPES`.
 CHECKPOINT_PRESETS = ("tiny", "pisces-8b")
-REFERENCE_BUDGETS = ("reference", "wording")
+REFERENCE_BUDGETS = ("reference", "wording", "wording-long")
 DECODER_PRESET_NAMES = ("tiny", "reference", "small", "sdxl")
 REFERENCE_RECIPES = ("joint", "generation-only")
 # `pisces train --lora --out RUN`: the adapter at RUN, the merged checkpoint in RUN/merged.
@@ -921,8 +921,8 @@ def build_reference_parser() -> argparse.ArgumentParser:
     parser.add_argument("--recipe", default="joint", choices=REFERENCE_RECIPES, help="the LLM stages' data")
     parser.add_argument(
         "--budget", default="reference", choices=REFERENCE_BUDGETS,
-        help="steps and data of every part: the shipped model's, or 'wording' (more named colours, a quarter of the "
-        "prompts and questions reworded)",
+        help="steps and data of every part: the shipped model's, 'wording' (more named colours, a quarter of the "
+        "prompts and questions reworded), or 'wording-long' (the same with 4,800 stage-3 steps instead of 3,200)",
     )
     parser.add_argument(
         "--components-from", metavar="FOLDER", default=None,

@@ -2,6 +2,7 @@
 still meets the issue's floors on a fixed subset of ShapeEval and question answering."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -346,3 +347,10 @@ def test_the_default_recipe_keeps_the_shipped_tokenizer_corpus():
     assert set(plain) < set(reworded)
     assert any("colored" in text or "color " in text for text in reworded)
     assert not any("colored" in text for text in plain)
+
+
+def test_the_long_wording_recipe_is_the_wording_recipe_with_a_longer_stage_3():
+    wording, long = reference.BUDGETS["wording"], reference.BUDGETS["wording-long"]
+    assert long.stages[:2] == wording.stages[:2]
+    assert long.stages[2].steps == 4800 and long.stages[2] == replace(wording.stages[2], steps=4800)
+    assert replace(long, stages=wording.stages) == wording
