@@ -46,8 +46,8 @@ class FewRowMatmulPass(CustomGraphPass):
                 x_t = graph.call_function(aten.permute.default, (x, [1, 0]))
                 product = graph.call_function(aten.mm.default, (weight_t.args[0], x_t))
                 result = graph.call_function(aten.permute.default, (product, [1, 0]))
-                # Row-major as `mm` returns it: a transposed graph output would change the next step's input strides
-                # and recompile. Inductor fuses the copy into the consumer where there is one.
+                # Row-major as `mm` returns it: the graph's consumers (the views that split heads, and the graph's
+                # outputs) were traced for that layout. Inductor fuses the copy into the consumer where there is one.
                 result = graph.call_function(
                     aten.clone.default, (result,), {"memory_format": torch.contiguous_format}
                 )

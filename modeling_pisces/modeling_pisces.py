@@ -854,30 +854,32 @@ class PiscesForConditionalGeneration(PiscesPreTrainedModel, GenerationMixin):
         positions = positions[:, -1:]
 
         compile_config = choose_compile_config(compile_config, self.generation_config, device)
-        if compile_config is None:
-            for _ in range(num_gen_tokens - 1):
-                positions = positions + 1
-                prediction, next_embeds = self._image_decode_step(next_embeds, positions, full_mask, cache, scale, **kwargs)
-                predictions.append(prediction)
-            return torch.stack(predictions, dim=1)
-
-        step = state.compiled(self._image_decode_step, compile_config)
+        step = self._image_decode_step if compile_config is None else state.compiled(
+            self._image_decode_step, compile_config
+        )
         # The inductor settings are part of what a compiled graph was made under: held for the whole loop.
-        with compile_context(device):
+        with contextlib.nullcontext() if compile_config is None else compile_context(device):
             for index in range(num_gen_tokens - 1):
                 positions = positions + 1
-                # A captured CUDA graph overwrites its outputs on the next replay: what is kept is copied first.
-                torch.compiler.cudagraph_mark_step_begin()
-                # The first step checks the compiled graph's guards (and compiles, if they fail); the later ones see
-                # the same tensors, shapes and modules (only values change), so re-checking them, a few ms a step for
-                # a whole model, is skipped.
-                stance = contextlib.nullcontext() if index == 0 else torch.compiler.set_stance(skip_guard_eval_unsafe=True)
-                with stance:
+                if compile_config is None:
                     prediction, next_embeds = step(next_embeds, positions, full_mask, cache, scale, **kwargs)
-                predictions.append(prediction.clone())
-                # Standard strides: the graph was compiled for the eager prefill's layout, and a size-1 dimension's
-                # stride in a compiled output can differ (a guard failure, so a recompile).
-                next_embeds = next_embeds.clone(memory_format=torch.contiguous_format)
+                else:
+                    # A captured CUDA graph overwrites its outputs on the next replay: what is kept is copied first.
+                    torch.compiler.cudagraph_mark_step_begin()
+                    # The first step checks the compiled graph's guards (and compiles, if they fail); the later ones
+                    # see the same tensors, shapes and modules (only values change), so re-checking them, a few ms a
+                    # step for a whole model, is skipped.
+                    with (
+                        contextlib.nullcontext() if index == 0
+                        else torch.compiler.set_stance(skip_guard_eval_unsafe=True)
+                    ):
+                        prediction, next_embeds = step(next_embeds, positions, full_mask, cache, scale, **kwargs)
+                    # The copies of the outputs (see above), the next input with standard strides: the graph was
+                    # compiled for the eager prefill's layout, and a size-1 dimension's stride in a compiled output
+                    # can differ (a guard failure, so a recompile).
+                    prediction = prediction.clone()
+                    next_embeds = next_embeds.clone(memory_format=torch.contiguous_format)
+                predictions.append(prediction)
         return torch.stack(predictions, dim=1)
 
     def _image_decode_step(

@@ -194,8 +194,8 @@ def row_sample(dataset, row: dict, rng: random.Random, position: int) -> dict | 
     The training sample of one row: its task (generation with probability `dataset.generation_ratio` when the row has
     a text, else a question and answer, else a caption), its image and texts, the generation prompt dropped with
     probability `dataset.caption_dropout`; None when the row has no usable text or image. `dataset` gives the column
-    names and the two probabilities (`TrainingDataset` and the streaming one share this); `rng` draws, so a row's
-    sample depends on its seed only.
+    names and the two probabilities (`PiscesTrainingDataset` and `StreamingTrainingDataset` share this); `rng`
+    draws, so a row's sample depends on its seed only.
     """
     text = _text(row.get(dataset.text_column))
     question, answer = _text(row.get(dataset.question_column)), _text(row.get(dataset.answer_column))
